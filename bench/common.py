@@ -1,0 +1,62 @@
+"""Small helpers every bench script shares: device choice, synchronized timing, and the --json last line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small sizes: finishes in under a minute on 2 CPU cores")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with the results as the last line")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Wall seconds of one call, with the device drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Median seconds per candidate, running them in turn (A B A B ...) so load drift hits all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(time_call(fn, device)[0])
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def emit(result: dict[str, Any], as_json: bool) -> None:
+    """Print the result; with --json the last line is one JSON object."""
+    if as_json:
+        print(json.dumps(result, sort_keys=True))

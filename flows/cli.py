@@ -1,0 +1,336 @@
+"""`llm-pipeline`: run the whole pipeline or one stage, plus `generate`/`export` (llm.cli) and `up`/`serve` (flows.server).
+
+    llm-pipeline run   [--config FILE] [--set section.key=value ...] [--force]
+    llm-pipeline stage NAME [--from-run RUN_ID | stage=RUN_ID ...] [--config FILE] [--set ...] [--force]
+    llm-pipeline generate REF ... / export REF ...   (REF: a folder, an MLflow run id, or models:/name/version)
+    llm-pipeline up / serve                            (local Prefect + MLflow servers, UI deployments)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stages.common import StageError
+
+STAGE_NAMES = ("ingest", "tokenizer", "pretrain", "sft", "reward", "ppo")
+DEFAULT_CONFIG = "configs/tiny.yaml"
+log = logging.getLogger("llm-pipeline")
+
+
+def _prepare_env(work_dir: str | Path | None = None) -> None:
+    """Defaults that must be set before Prefect is imported: no analytics offline, a writable Prefect home."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    # the ephemeral Prefect server (no PREFECT_API_URL) may need longer than the 20 s default on a busy 2-core box
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    if work_dir is None:
+        return
+    home = Path.home()
+    if "PREFECT_HOME" not in os.environ and not os.access(home if home.exists() else home.parent, os.W_OK):
+        os.environ["PREFECT_HOME"] = str(Path(work_dir or ".llm-pipeline").resolve() / "prefect")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help=f"pipeline YAML (default: {DEFAULT_CONFIG} if it exists)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set pretrain.max_steps=50 (repeatable)",
+    )
+    p.add_argument("--force", action="store_true", help="rerun stages even when nothing changed")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from flows.config import load_config
+
+    path = args.config
+    if path is None and Path(DEFAULT_CONFIG).is_file():
+        path = DEFAULT_CONFIG
+    cfg = load_config(path, args.overrides)
+    _prepare_env(cfg.pipeline.work_dir)
+    return cfg
+
+
+def _check_tracking(cfg: Any) -> Any:
+    from flows.tracking import setup_tracking
+
+    p = cfg.pipeline
+    return setup_tracking(p.experiment, p.work_dir, p.offline_tracking)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, even by kill -9, so no server is left behind."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class _TemporaryPrefect:
+    """Without PREFECT_API_URL, Prefect would start a temporary local server at the first flow run, after all the
+    imports (~10-20 s on 2 cores, serially). This starts the same server (Prefect's ephemeral-mode app on
+    127.0.0.1, storage in PREFECT_HOME) as a subprocess at once, so it boots while this process imports torch and
+    MLflow; it is stopped at exit."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.api = ""
+
+    def start(self) -> None:
+        import atexit
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+             "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            env=env,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+        )
+        self.api = f"http://127.0.0.1:{port}/api"
+        os.environ["PREFECT_API_URL"] = self.api  # before prefect is imported here: flows talk to this server
+        atexit.register(self.stop)
+        log.info("starting a temporary Prefect server on %s (set PREFECT_API_URL to use your own)", self.api)
+
+    def wait(self, timeout: float = 300) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect server exited (code {self.proc and self.proc.returncode})")
+            try:
+                with urllib.request.urlopen(self.api + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the temporary Prefect server at {self.api} did not answer within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+_SERVER: list[_TemporaryPrefect] = []
+
+
+def _prestart_prefect() -> _TemporaryPrefect | None:
+    """The temporary server of this process (started on the first call), or None when PREFECT_API_URL is given."""
+    if _SERVER:
+        return _SERVER[0]
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return None
+    server = _TemporaryPrefect()
+    server.start()
+    _SERVER.append(server)
+    return server
+
+
+def _prefect_home_ready() -> bool:
+    """True when Prefect's home does not depend on the config (else it goes under the config's work dir)."""
+    home = Path.home()
+    return "PREFECT_HOME" in os.environ or os.access(home if home.exists() else home.parent, os.W_OK)
+
+
+def _join(server: _TemporaryPrefect | None) -> None:
+    if server is not None:
+        server.wait()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    starting = _prestart_prefect()
+    tracking = _check_tracking(cfg)  # a dead tracking server fails here, before any compute
+    from flows.pipeline import pipeline_flow
+
+    pipeline_flow.fn  # noqa: B018 - builds the flows (imports) while the server starts
+    _join(starting)
+    res = pipeline_flow(config=cfg, force=args.force)
+    print()
+    print(f"pipeline run {res['run_id']} finished in {res['wall_s']:.1f}s ({tracking.ui_hint()})")
+    for s in res["stages"]:
+        state = "reused (unchanged)" if s["reused"] else "ran"
+        print(f"  {s['stage']:<10} {state:<19} run {s['run_id']}")
+    if res.get("model_version"):
+        new = "new version" if res["model_version_created"] else "already registered"
+        print(f"  model      models:/{res['registered_model']}/{res['model_version']} ({new})")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    starting = _prestart_prefect()
+    tracking = _check_tracking(cfg)
+    from flows.stages import STAGE_FLOWS
+
+    STAGE_FLOWS[args.name].fn  # noqa: B018 - builds the flows (imports) while the server starts
+    _join(starting)
+    out = STAGE_FLOWS[args.name](
+        config=getattr(cfg, args.name), pipeline=cfg.pipeline, from_run=args.from_run or None, force=args.force
+    )
+    state = "reused unchanged run" if out["reused"] else "ran as run"
+    print(f"\nstage {args.name}: {state} {out['run_id']} ({out.get('link') or tracking.ui_hint()})")
+    for k, v in sorted(out["metrics"].items()):
+        print(f"  {k} = {v:.6g}")
+    return 0
+
+
+_MODEL_URI = re.compile(r"^models:/([A-Za-z0-9][A-Za-z0-9_.-]*)(?:/(\d+|latest)|@([A-Za-z0-9_-]+))?$")
+
+
+def resolve_ref(ref: str) -> Path:
+    """A local folder, an MLflow run id, `runs:/ID/path` or `models:/name/version|@alias` -> a local model folder.
+
+    Downloads go under the work dir (LLM_PIPELINE_WORK_DIR, default .llm-pipeline) and are verified by sha256.
+    """
+    p = Path(ref)
+    if p.exists():
+        return p
+    from flows.config import PipelineSection
+    from flows.stages import check_run_id, fetch_artifact, safe_artifact_path
+    from flows.tracking import setup_tracking
+
+    section = PipelineSection(work_dir=os.environ.get("LLM_PIPELINE_WORK_DIR", PipelineSection().work_dir))
+    _prepare_env(section.work_dir)
+    tracking = setup_tracking(section.experiment, section.work_dir, section.offline_tracking)
+    client = tracking.client
+    work = Path(section.work_dir).resolve()
+
+    if m := _MODEL_URI.match(ref):
+        name, version, alias = m.group(1), m.group(2), m.group(3)
+        try:
+            if alias:
+                mv = client.get_model_version_by_alias(name, alias)
+            elif version in (None, "latest"):
+                versions = client.search_model_versions(f"name='{name}'")
+                if not versions:
+                    raise StageError(f"{ref}: registered model '{name}' has no versions at {tracking.uri}")
+                mv = max(versions, key=lambda v: int(v.version))
+            else:
+                mv = client.get_model_version(name, version)
+        except StageError:
+            raise
+        except Exception as e:
+            raise StageError(f"{ref}: no such registered model version at {tracking.uri} ({e})") from e
+        run_id = mv.tags.get("llm.stage_run")
+        if run_id:
+            return resolve_ref(run_id)
+        import mlflow.artifacts
+
+        dst = work / "models" / name / str(mv.version)
+        if not dst.exists():
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst))
+        for cfg_file in sorted(dst.rglob("config.json")):
+            return cfg_file.parent
+        raise StageError(f"{ref}: the registered model holds no config.json (not a transformers model)")
+
+    if ref.startswith("runs:/"):
+        run_id, _, art = ref.removeprefix("runs:/").partition("/")
+        run = client.get_run(check_run_id(run_id))
+        art = safe_artifact_path(art or "hf")
+        for k, v in run.data.tags.items():
+            if k.startswith("llm.output.") and k.endswith(".artifact") and v == art:
+                sha = run.data.tags[k.removesuffix(".artifact") + ".sha256"]
+                return fetch_artifact(tracking, run_id, art, sha, work)
+        raise StageError(f"{ref}: run {run_id} recorded no output at '{art}' (see its llm.output.* tags)")
+
+    run_id = check_run_id(ref)
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:
+        raise StageError(f"{ref} is neither an existing folder nor an MLflow run at {tracking.uri}") from e
+    tags = run.data.tags
+    outputs = [o for o in tags.get("llm.outputs", "").split(",") if o]
+    for name in ("hf", "checkpoint", *outputs):
+        if name in outputs:
+            art, sha = tags[f"llm.output.{name}.artifact"], tags[f"llm.output.{name}.sha256"]
+            return fetch_artifact(tracking, run_id, art, sha, work)
+    raise StageError(f"run {run_id} has no model output (outputs: {outputs or 'none'})")
+
+
+def _optional_register(module: str, subparsers: Any, **kwargs: Any) -> None:
+    """Subcommands from other modules (written alongside this one): skip them quietly if they are not there yet."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        log.debug("%s not available: %s", module, e)
+        return
+    register = getattr(mod, "register", None)
+    if register is not None:
+        register(subparsers, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-pipeline",
+        description="Train a language model from raw text to an aligned assistant, tracked in MLflow, run by Prefect.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("run", help="run the whole pipeline (unchanged stages are reused)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("stage", help="run one stage from upstream MLflow runs")
+    p.add_argument("name", choices=STAGE_NAMES, help="the stage to run")
+    p.add_argument(
+        "--from-run",
+        action="append",
+        default=[],
+        metavar="RUN_ID",
+        help="upstream MLflow run: a pipeline run, a stage run (its ancestors come along) or stage=RUN_ID; "
+        "repeatable; default: the latest finished run of each upstream stage",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_stage)
+    _optional_register("llm.cli", sub, resolve_ref=resolve_ref)
+    _optional_register("flows.server", sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _prepare_env()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["run"], ["stage"]) and not {"-h", "--help"} & set(argv) and _prefect_home_ready():
+        _prestart_prefect()  # before the parser imports torch (llm.cli): the server boots meanwhile
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except StageError as e:
+        print(f"llm-pipeline: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llm-pipeline: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

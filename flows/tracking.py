@@ -1,0 +1,330 @@
+"""MLflow behind a small interface: where runs go, whether the server is there, and metrics that survive outages.
+
+`MlflowTracker` implements `stages.common.Tracker`. A stage's `log_metrics` never blocks on the network: metrics
+go to an in-memory buffer plus a local spill file, and a background thread delivers them in batches, retrying
+with backoff while the server is away. `close()` waits (up to a deadline) until everything has been delivered.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from stages.common import StageError, TransientError
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # opens the experiment in MLflow's model-training view
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+
+T = TypeVar("T")
+
+
+class TrackingUnavailableError(StageError):
+    """The tracking server cannot be reached before any work starts (not retried: the user must act)."""
+
+
+def _client_defaults() -> None:
+    # MLflow's REST client retries a dead server for minutes per call by default; our own buffering and the stage
+    # retries sit above it, so each low-level call should fail fast. Users' explicit settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    # one progress bar per downloaded input folder floods the Prefect log; our own logs say what is fetched
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def embedded_uri(work_dir: str | Path) -> str:
+    return f"sqlite:///{Path(work_dir).resolve() / 'mlflow.db'}"
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingUnavailableError unless the MLflow server at `uri` answers its health check."""
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - http(s) only, checked by caller
+            if r.status == 200:
+                return
+            problem = f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        problem = f"HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        problem = str(getattr(e, "reason", e))
+    raise TrackingUnavailableError(
+        f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable ({problem}). Start it "
+        "(`llm-pipeline up`), unset MLFLOW_TRACKING_URI to use the embedded store, or set "
+        "pipeline.offline_tracking=true to log to the local store in the work dir."
+    )
+
+
+@dataclass
+class Tracking:
+    """Where this process logs: the URI, the experiment, and a client bound to both."""
+
+    uri: str
+    experiment_id: str
+    experiment_name: str
+    embedded: bool
+    client: Any  # mlflow.MlflowClient (imported lazily)
+
+    def run_link(self, run_id: str) -> str | None:
+        if not is_remote(self.uri):
+            return None
+        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def ui_hint(self) -> str:
+        if self.embedded:
+            root = self.uri.removeprefix("sqlite:///")
+            return f"mlflow ui --backend-store-uri {self.uri} (store: {root})"
+        return self.uri
+
+
+def setup_tracking(experiment: str, work_dir: str | Path, offline: bool = False) -> Tracking:
+    """Pick the tracking URI (MLFLOW_TRACKING_URI, else the embedded SQLite store), check it, get the experiment.
+
+    Fails fast, before any compute, when a configured server is down (unless `offline`).
+    """
+    import mlflow
+
+    _client_defaults()
+    work = Path(work_dir).resolve()
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    embedded = not uri
+    if uri and is_remote(uri):
+        try:
+            check_server(uri)
+        except TrackingUnavailableError:
+            if not offline:
+                raise
+            log.warning("MLflow server %s is unreachable; logging offline to %s", uri, embedded_uri(work))
+            uri, embedded = "", True
+    if embedded:
+        work.mkdir(parents=True, exist_ok=True)
+        uri = embedded_uri(work)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        artifact_location = (work / "mlartifacts").as_uri() if embedded else None
+        try:
+            exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
+        except Exception:  # another process created it first
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    else:
+        exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp_id)
+    if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return Tracking(uri=uri, experiment_id=exp_id, experiment_name=experiment, embedded=embedded, client=client)
+
+
+_TRANSIENT_MARKERS = (
+    "max retries exceeded",
+    "connection refused",
+    "connection reset",
+    "connection aborted",
+    "temporarily unavailable",
+    "timed out",
+    "502",
+    "503",
+    "504",
+)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True for failures worth retrying: TransientError and tracking/network hiccups; never StageError/bad config."""
+    from pydantic import ValidationError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StageError | ValidationError):
+            return False
+        if isinstance(exc, TransientError | ConnectionError | TimeoutError):
+            return True
+        mod = type(exc).__module__
+        if mod.startswith(("requests", "urllib3")) and any(
+            n in type(exc).__name__ for n in ("Connection", "Timeout", "MaxRetry", "ProtocolError")
+        ):
+            return True
+        if mod.startswith("mlflow") and type(exc).__name__ in ("MlflowException", "RestException"):
+            code = str(getattr(exc, "error_code", ""))
+            if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+                return True
+            if any(m in str(exc).lower() for m in _TRANSIENT_MARKERS):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def call_with_retry(fn: Callable[[], T], what: str, deadline_s: float, first_delay: float = 0.5) -> T:
+    """Call `fn` until it succeeds, retrying transient failures with backoff until `deadline_s` has passed."""
+    start = time.monotonic()
+    delay = first_delay
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e) or time.monotonic() - start + delay > deadline_s:
+                raise
+            log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
+class MlflowTracker:
+    """`stages.common.Tracker` backed by an MLflow run; buffered, spilled to disk, delivered in the background."""
+
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        spill_path: str | Path | None = None,
+        flush_interval: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.flush_interval = flush_interval
+        self.spill_path = Path(spill_path) if spill_path else None
+        self._buf: collections.deque[tuple[str, float, int, int]] = collections.deque()
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.delivered = 0
+        self.failures = 0
+        self.last_error: BaseException | None = None
+        self._spill = None
+        if self.spill_path:
+            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+            self._spill = open(self.spill_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._thread = threading.Thread(target=self._loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        ts = int(time.time() * 1000)
+        rows = [(str(k), float(v), ts, int(step or 0)) for k, v in metrics.items()]
+        with self._lock:
+            self._buf.extend(rows)
+            if self._spill:
+                for k, v, t, s in rows:
+                    self._spill.write(json.dumps({"key": k, "value": v, "timestamp": t, "step": s}) + "\n")
+                self._spill.flush()
+        if len(self._buf) >= MAX_METRICS_PER_BATCH:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def _send_one_batch(self) -> bool:
+        """Deliver up to one batch; True if something was sent. Failed batches go back to the front, in order."""
+        from mlflow.entities import Metric
+
+        with self._send_lock:
+            with self._lock:
+                batch = [self._buf.popleft() for _ in range(min(MAX_METRICS_PER_BATCH, len(self._buf)))]
+            if not batch:
+                return False
+            try:
+                self.client.log_batch(
+                    self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in batch], synchronous=True
+                )
+            except BaseException as e:
+                with self._lock:
+                    self._buf.extendleft(reversed(batch))
+                self.failures += 1
+                self.last_error = e
+                raise
+            self.delivered += len(batch)
+            return True
+
+    def _loop(self) -> None:
+        delay = self.flush_interval
+        while not self._stop.is_set():
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                while self._send_one_batch():
+                    pass
+                delay = self.flush_interval
+            except Exception as e:
+                delay = min(max(delay * 2, 1.0), 10.0)
+                log.warning("MLflow unreachable, %d metrics buffered (%s); retrying in %.0fs", self.pending, e, delay)
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Deliver everything buffered, retrying transient failures until `timeout`; TransientError after that."""
+        deadline = time.monotonic() + timeout
+        delay = 0.5
+        while True:
+            try:
+                while self._send_one_batch():
+                    pass
+                return
+            except Exception as e:
+                if not is_transient(e) and not isinstance(e, OSError):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    where = f"; they are kept in {self.spill_path}" if self.spill_path else ""
+                    raise TransientError(
+                        f"could not deliver {self.pending} buffered metrics of MLflow run {self.run_id} within "
+                        f"{timeout:.0f}s ({e}){where}"
+                    ) from e
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the background thread and deliver what is left (see `flush`). The spill file goes once delivered."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=max(timeout, 1.0))
+        self.flush(timeout)
+        if self._spill:
+            self._spill.close()
+            self._spill = None
+            if self.spill_path and self.spill_path.exists():
+                self.spill_path.unlink()
+
+
+def replay_spill(client: Any, run_id: str, spill_path: str | Path) -> int:
+    """Upload metrics a crashed process left in its spill file; returns how many were sent."""
+    p = Path(spill_path)
+    if not p.exists():
+        return 0
+    t = MlflowTracker(client, run_id)
+    try:
+        for line in p.read_text().splitlines():
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the crash
+            with t._lock:
+                t._buf.append((m["key"], float(m["value"]), int(m["timestamp"]), int(m["step"])))
+        n = t.pending
+        t.close()
+    finally:
+        t._stop.set()
+    p.unlink()
+    return n

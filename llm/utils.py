@@ -1,0 +1,69 @@
+"""Model arithmetic: parameter counts, FLOPs per token and model FLOPs utilisation (MFU)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llm.config import ModelConfig
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), used when the caller doesn't pass one.
+PEAK_TFLOPS_BF16: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+def num_params(model: nn.Module, non_embedding: bool = False) -> int:
+    """Unique parameters (tied weights counted once). non_embedding drops token/position embeddings, the usual
+    N in scaling-law and FLOPs formulas (the tied LM head then counts as an embedding)."""
+    seen: set[int] = set()
+    total = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if non_embedding and name.split(".")[-2] in ("tok_emb", "pos_emb"):
+            continue
+        total += p.numel()
+    return total
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token of the attention scores and weighted sum: 6 * n_layer * seq_len * (qk + v dims)
+    (forward 2 + backward 4 multiply-adds, each counted as 2 FLOPs, averaged over a causal window's full length
+    as in the PaLM appendix)."""
+    if cfg.use_mla:
+        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    else:
+        qk = v = cfg.head_dim
+    return 6 * cfg.n_layer * seq_len * cfg.n_heads * (qk + v)
+
+
+def flops_per_token(model_or_cfg: nn.Module | ModelConfig, seq_len: int | None = None, *,
+                    n_params: int | None = None) -> int:
+    """Training FLOPs per token: 6N (N = non-embedding params + the LM head) + the attention term."""
+    if isinstance(model_or_cfg, nn.Module):
+        cfg = model_or_cfg.config
+        n = num_params(model_or_cfg, non_embedding=True) + cfg.n_embd * cfg.padded_vocab_size
+    else:
+        cfg = model_or_cfg
+        if n_params is None:
+            from llm.model import build_model  # exact count without hand formulas; cheap on the meta device
+
+            with torch.device("meta"):
+                m = build_model(cfg)
+            n = num_params(m, non_embedding=True) + cfg.n_embd * cfg.padded_vocab_size
+        else:
+            n = n_params
+    return 6 * n + attention_flops_per_token(cfg, seq_len or cfg.max_seq_len)
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
+    """Fraction of the hardware peak (FLOP/s, e.g. 989e12 for an H100 in bf16) used by training."""
+    return tokens_per_s * flops_per_tok / peak_flops
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    """Peak bf16 FLOP/s for a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None if unknown."""
+    for key, tflops in PEAK_TFLOPS_BF16.items():
+        if key in device_name:
+            return tflops * 1e12
+    return None

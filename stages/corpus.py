@@ -1,0 +1,288 @@
+"""The built-in corpus: a seeded generator of a small world of people, things and counts.
+
+It produces, deterministically from one seed:
+
+* pretraining documents: short stories that state facts ("Mia has a red kite and Tom has a green boat.") and
+  answer questions about them in plain prose, worked sums, and simple English filler;
+* SFT chat pairs, preference pairs (chosen = right answer, rejected = a plausible wrong answer of the same type
+  taken from the prompt), RL prompts, and held-out evaluation sets.
+
+Every question is about facts stated in its own prompt, so a tiny model can answer an unseen combination of
+names, colours and numbers once it has learned to look things up in context and to add small numbers. Answers
+are one word or one number, so `check_answer` is exact after light normalisation.
+
+Held-out items never overlap training: each scenario (the fact sentences of a prompt) is assigned to the
+held-out pool or the training pool by a hash of its text, and training text (pretraining stories, SFT,
+preferences, RL prompts) is only ever generated from the training pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+NAMES = (
+    "Mia Tom Ava Ben Lily Sam Zoe Max Emma Leo Nora Jack Ella Finn Ruby Owen Anna Luke Ivy Noah Rosa Eli Lucy "
+    "Adam Jade Hugo Maya Oscar Iris Theo Cora Paul Nina Alex Ida Ryan Lena Omar Sara Dan"
+).split()
+COLORS = "red blue green yellow black white pink brown orange purple gray gold".split()
+THINGS = "kite boat ball hat cup book bike box car bag coat drum lamp shoe fish bell sock kettle chair clock".split()
+COUNTABLES = "apples pears eggs stones shells coins cards marbles cookies stamps buttons plums beads nuts".split()
+
+TASK_KINDS = ("color", "owner", "add", "sub", "more")
+
+# 1 in HELDOUT_MOD scenarios belongs to the held-out pool; the rest may appear in training text.
+HELDOUT_MOD = 16
+
+# How many people a colour/owner scenario names (drawn uniformly from this tuple). One person: the answer is
+# the only colour/name in the prompt, a copy a tiny model learns within minutes of CPU pretraining. Two or
+# three: it must also match the name/thing asked about (in-context retrieval), which the `tiny` preset did not
+# learn in 400 pretraining steps; these items leave headroom for SFT and RL.
+PEOPLE = (1, 2)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One checkable question: `context` states the facts, `question` asks about them."""
+
+    kind: str
+    context: str
+    question: str
+    answer: str
+    wrong: str  # a plausible wrong answer of the same type (for preference pairs)
+    statement: str  # the answer restated as a sentence (for pretraining prose)
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.context} {self.question}"
+
+
+def _facts(context: str) -> list[str]:
+    """The single facts of a one-sentence scenario ("A has a red kite and B has ..."), else the whole scenario."""
+    body = context.rstrip(".")
+    return [body] if ". " in body else re.split(r", | and ", body)
+
+
+def is_heldout(context: str) -> bool:
+    """Which pool a scenario belongs to: held out when any of its facts hashes into the held-out bucket.
+
+    A pure function of the text, so the split never drifts; and since training scenarios contain no held-out
+    fact, a held-out scenario cannot even appear inside a longer training scenario."""
+    return any(
+        int.from_bytes(hashlib.blake2b(f.encode(), digest_size=8).digest(), "little") % HELDOUT_MOD == 0
+        for f in _facts(context)
+    )
+
+
+def _people(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+    names = rng.sample(NAMES, n)
+    colors = rng.sample(COLORS, n)
+    things = [rng.choice(THINGS) for _ in range(n)]
+    return list(zip(names, colors, things, strict=True))
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _make_item(rng: random.Random, kind: str) -> Item:
+    if kind in ("color", "owner"):
+        people = _people(rng, rng.choice(PEOPLE))
+        context = _join([f"{n} has {_a(c)} {c} {t}" for n, c, t in people]) + "."
+        target = rng.randrange(len(people))
+        name, color, thing = people[target]
+        if len(people) > 1:  # the wrong answer is another colour/name from the prompt
+            other = people[(target + 1 + rng.randrange(len(people) - 1)) % len(people)]
+            wrong_color, wrong_name = other[1], other[0]
+        else:  # one person: a colour/name of the same kind that the prompt does not mention
+            wrong_color = rng.choice([c for c in COLORS if c != color])
+            wrong_name = rng.choice([n for n in NAMES if n != name])
+        if kind == "color":
+            return Item(kind, context, f"What color is {name}'s {thing}?", color, wrong_color,
+                        f"{name}'s {thing} is {color}.")
+        return Item(kind, context, f"Who has the {color} {thing}?", name, wrong_name,
+                    f"{name} has the {color} {thing}.")
+    a, b = rng.sample(NAMES, 2)
+    stuff = rng.choice(COUNTABLES)
+    if kind == "add":
+        x, y = rng.randint(1, 9), rng.randint(1, 9)
+        context = f"{a} has {x} {stuff}. {b} gives {a} {y} more {stuff}."
+        wrong = str(rng.choice([v for v in {x, y, x + y + 1, abs(x + y - 1)} if v != x + y]))
+        return Item(kind, context, f"How many {stuff} does {a} have now?", str(x + y), wrong,
+                    f"Now {a} has {x + y} {stuff}.")
+    if kind == "sub":
+        x = rng.randint(2, 18)
+        y = rng.randint(1, min(9, x - 1))
+        context = f"{a} has {x} {stuff}. {a} gives {y} {stuff} to {b}."
+        wrong = str(rng.choice([v for v in {x, y, x - y + 1, x + y} if v != x - y]))
+        return Item(kind, context, f"How many {stuff} does {a} have now?", str(x - y), wrong,
+                    f"Now {a} has {x - y} {stuff}.")
+    if kind == "more":
+        x, y = rng.sample(range(1, 20), 2)
+        context = f"{a} has {x} {stuff} and {b} has {y} {stuff}."
+        winner, loser = (a, b) if x > y else (b, a)
+        return Item(kind, context, f"Who has more {stuff}?", winner, loser, f"{winner} has more {stuff}.")
+    raise ValueError(f"unknown task kind {kind!r}; choose from {TASK_KINDS}")
+
+
+def sample_item(rng: random.Random, heldout: bool, kinds: tuple[str, ...] = TASK_KINDS) -> Item:
+    """Draw an item from the held-out or the training pool (rejection sampling on the scenario hash)."""
+    kind = rng.choice(kinds)
+    while True:
+        item = _make_item(rng, kind)
+        if is_heldout(item.context) == heldout:
+            return item
+
+
+# ---------------------------------------------------------------------------------------------- pretraining text
+
+_ADJ = "big small happy sleepy quiet busy little old young kind brave shy".split()
+_ANIMALS = "dog cat bird fox rabbit duck horse cow mouse frog owl goat".split()
+_PLACES = "in the park|by the river|near the house|under the tree|on the hill|in the garden|at the farm|in the town".split("|")
+_VERBS = "runs|walks|sleeps|plays|sings|sits|jumps|looks around".split("|")
+_WEATHER = ("The sun is warm today.", "It is raining a little.", "The wind is cold.", "The sky is clear and blue.",
+            "Snow falls on the roofs.", "The morning is quiet.", "Clouds move over the hills.")
+_TIME = ("In the morning", "At noon", "In the evening", "Later", "After lunch", "Before dinner", "At night")
+
+
+def _filler_sentence(rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.4:
+        return f"The {rng.choice(_ADJ)} {rng.choice(_ANIMALS)} {rng.choice(_VERBS)} {rng.choice(_PLACES)}."
+    if r < 0.6:
+        return rng.choice(_WEATHER)
+    if r < 0.8:
+        n = rng.choice(NAMES)
+        return f"{rng.choice(_TIME)}, {n} {rng.choice(_VERBS)} {rng.choice(_PLACES)}."
+    x, y = rng.randint(0, 9), rng.randint(0, 9)
+    if rng.random() < 0.5:
+        return f"{x} plus {y} is {x + y}."
+    hi, lo = max(x, y), min(x, y)
+    return f"{hi} minus {lo} is {hi - lo}."
+
+
+def _story(rng: random.Random) -> str:
+    """A few scenarios, each with its facts restated, a question answered in a sentence, or a quiz line.
+
+    The quiz line puts the bare answer at the start of a new line ("...boat?\ngreen"), so the model meets the
+    answer tokens without a leading space, exactly as an assistant turn starts them after SFT.
+    """
+    text = ""
+    for _ in range(rng.randint(2, 4)):
+        item = sample_item(rng, heldout=False)
+        mode = rng.random()
+        if mode < 0.35:
+            piece = f"{item.context} {item.question}\n{item.answer}\n"
+        elif mode < 0.65:
+            answer = item.statement if rng.random() < 0.5 else f"The answer is {item.answer}."
+            piece = f"{item.context} {item.question} {answer}"
+        else:
+            piece = f"{item.context} {item.statement}"
+        if rng.random() < 0.2:
+            piece = f"{piece} {_filler_sentence(rng)}" if not piece.endswith("\n") else piece + _filler_sentence(rng)
+        text = piece if not text else (text + piece if text.endswith("\n") else f"{text} {piece}")
+    return text.rstrip("\n")
+
+
+def _filler_doc(rng: random.Random) -> str:
+    lines = [" ".join(_filler_sentence(rng) for _ in range(rng.randint(2, 5))) for _ in range(rng.randint(1, 3))]
+    return "\n".join(lines)
+
+
+def pretraining_documents(seed: int, n_documents: int) -> Iterator[str]:
+    """Plain-text documents for pretraining (never chat format, never a held-out scenario)."""
+    rng = random.Random(f"pretrain-{seed}")
+    for _ in range(n_documents):
+        yield _story(rng) if rng.random() < 0.85 else _filler_doc(rng)
+
+
+# --------------------------------------------------------------------------------------------------- task files
+
+
+def _user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def _unique_items(rng: random.Random, n: int, heldout: bool, seen: set[str]) -> list[Item]:
+    items: list[Item] = []
+    while len(items) < n:
+        item = sample_item(rng, heldout)
+        if item.prompt not in seen:
+            seen.add(item.prompt)
+            items.append(item)
+    return items
+
+
+def task_records(seed: int, n_sft: int, n_pref: int, n_heldout: int, n_rl_prompts: int) -> dict[str, list[dict]]:
+    """The task files' contents (see docs/ARCHITECTURE.md): file name -> JSON records."""
+    rng = random.Random(f"tasks-{seed}")
+    train_seen: set[str] = set()
+    held_seen: set[str] = set()
+
+    def sft(items: list[Item]) -> list[dict]:
+        return [{"messages": [_user(i.prompt), _assistant(i.answer)]} for i in items]
+
+    def pref(items: list[Item]) -> list[dict]:
+        return [{"prompt": [_user(i.prompt)], "chosen": [_assistant(i.answer)], "rejected": [_assistant(i.wrong)]}
+                for i in items]
+
+    def prompts(items: list[Item]) -> list[dict]:
+        return [{"prompt": i.prompt, "answer": i.answer, "kind": i.kind} for i in items]
+
+    return {
+        "sft.jsonl": sft(_unique_items(rng, n_sft, False, train_seen)),
+        "preferences.jsonl": pref(_unique_items(rng, n_pref, False, train_seen)),
+        "rl_prompts.jsonl": prompts(_unique_items(rng, n_rl_prompts, False, train_seen)),
+        "heldout.jsonl": prompts(_unique_items(rng, n_heldout, True, held_seen)),
+        "sft_eval.jsonl": sft(_unique_items(rng, n_heldout, True, held_seen)),
+        "preferences_eval.jsonl": pref(_unique_items(rng, n_heldout, True, held_seen)),
+    }
+
+
+def write_tasks(out_dir: Path, seed: int, n_sft: int, n_pref: int, n_heldout: int, n_rl_prompts: int) -> dict:
+    """Write the task folder's files and manifest.json into `out_dir` (an empty temp folder the caller renames)."""
+    from stages.common import sha256_file, write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict] = {}
+    for name, records in task_records(seed, n_sft, n_pref, n_heldout, n_rl_prompts).items():
+        path = out_dir / name
+        with open(path, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+        files[name] = {"rows": len(records), "sha256": sha256_file(path)}
+    params = {"seed": seed, "n_sft": n_sft, "n_pref": n_pref, "n_heldout": n_heldout, "n_rl_prompts": n_rl_prompts}
+    manifest = {"params": params, "seed": seed, "kinds": list(TASK_KINDS), "heldout_mod": HELDOUT_MOD, "files": files}
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------- answer checking
+
+_TRAILING = re.compile(r"[\s.,!?;:'\"]+$")
+_LEADING = re.compile(r"^[\s'\"]+")
+
+
+def normalize_answer(text: str) -> str:
+    """First line, stripped, lowercased, without surrounding quotes or trailing punctuation."""
+    first = text.strip().split("\n", 1)[0] if text.strip() else ""
+    first = _LEADING.sub("", _TRAILING.sub("", first))
+    return " ".join(first.lower().split())
+
+
+def check_answer(response: str, answer: str) -> bool:
+    """True when the model's response is exactly the expected answer after normalisation."""
+    return normalize_answer(response) == normalize_answer(answer) and normalize_answer(answer) != ""

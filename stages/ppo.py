@@ -1,0 +1,342 @@
+"""PPO stage: align the SFT policy to the reward model with TRL's PPO (or its maintained GRPO / RLOO trainers).
+
+inputs:  policy (SFT hf dir), reward_model (reward stage hf dir), tasks (built-in task folder; its rl_prompts.jsonl
+         is the default prompt set and heldout.jsonl the evaluation set)
+outputs: hf (the aligned policy, transformers-native, with tokenizer + chat template)
+metrics (held-out prompts, greedy answers):
+  eval/reward_mean      mean reward-model score of the aligned policy's answers
+  eval/sft_reward_mean  the same for the SFT policy (same prompts, same reward model)
+  eval/kl               sum over answer tokens of KL(policy || SFT reference), averaged over prompts
+  eval/exact_match      program-checked answers of the aligned policy (eval/sft_exact_match: of the SFT policy)
+  train/*               TRL's per-update metrics (objective/kl, objective/scores, loss/policy_avg, ...)
+
+algorithm: ppo  = trl.experimental.ppo.PPOTrainer (policy, frozen reference, reward model, value model initialised
+                  from the reward model). trl 1.12.0 is the last release that ships it.
+           grpo / rloo = trl's GRPOTrainer / RLOOTrainer with the reward model and, when program_reward_weight > 0,
+                  a program-checked reward (stages.corpus.check_answer against the prompt's `answer`).
+Resume: TRL's PPO loop keeps its rollout/optimizer state in memory and cannot resume from a checkpoint, so an
+interrupted run of this stage restarts from scratch; a finished run is reused when nothing changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from stages.chat_data import load_prompts, prompt_text, resolve_source
+from stages.common import NullTracker, StageError, StageResult, Tracker, require_path
+from stages.sft import (
+    cached_result,
+    common_training_args,
+    fingerprint,
+    precision_args,
+    save_hf,
+    save_result,
+    tracker_callback,
+)
+
+
+class Config(BaseModel):
+    """Online RL from the reward model: PPO (default), GRPO or RLOO."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Literal["ppo", "grpo", "rloo"] = Field(
+        "ppo", description="ppo: TRL's PPO with a value model; grpo / rloo: TRL's critic-free online trainers."
+    )
+    dataset: str | None = Field(
+        None,
+        description="RL prompts: a .jsonl/.parquet file or folder with a `prompt` column (string or messages) and an "
+        "optional `answer`, a saved dataset folder, or a Hugging Face dataset name. "
+        "Empty = the built-in rl_prompts.jsonl from the tasks input.",
+    )
+    total_episodes: int = Field(1024, ge=1, description="Prompts rolled out in total (PPO) / completions (GRPO, RLOO).")
+    batch_size: int = Field(64, ge=1, description="Prompts per rollout batch, i.e. per PPO update "
+                            "(completions per step for GRPO/RLOO).")
+    num_mini_batches: int = Field(2, ge=1, description="PPO: minibatches each rollout batch is split into "
+                                  "(one optimizer step each).")
+    num_ppo_epochs: int = Field(4, ge=1, description="Optimisation passes over each rollout batch.")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW) for the policy (and value model).")
+    lr_scheduler: str = Field("linear", description="transformers scheduler name: linear, cosine, constant, ...")
+    kl_coef: float = Field(0.05, ge=0, description="Weight of the KL penalty to the SFT reference (GRPO/RLOO: beta).")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="PPO: per-token KL estimator (k1 unbiased, k3 "
+                                              "lower variance).")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip range (GRPO/RLOO: epsilon).")
+    vf_coef: float = Field(0.1, ge=0, description="PPO: weight of the value loss.")
+    cliprange_value: float = Field(0.2, gt=0, description="PPO: value prediction clip range.")
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount factor.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
+    whiten_rewards: bool = Field(False, description="PPO: whiten rewards per batch (needs minibatches of >= 8).")
+    response_length: int = Field(16, ge=1, description="Most tokens generated per answer during training.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    stop_token: Literal["eos"] | None = Field(
+        "eos", description="'eos': answers end at the tokenizer's EOS (the chat turn's end); empty = never stop early."
+    )
+    missing_eos_penalty: float | None = Field(
+        1.0, ge=0, description="Subtracted from the score of an answer that never produced EOS; empty = off."
+    )
+    num_generations: int = Field(8, ge=2, description="GRPO/RLOO: completions sampled per prompt (the group).")
+    program_reward_weight: float = Field(
+        0.0, ge=0, description="GRPO/RLOO: weight of a 0/1 program-checked reward (needs `answer` on the prompts); "
+        "0 = reward model only."
+    )
+    seed: int = Field(0, description="Random seed (rollout sampling, data order).")
+    device: str = Field("auto", description="'auto' (CUDA if available), 'cpu' or 'cuda[:N]'.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto' = bf16 mixed precision on CUDA GPUs that support it, fp32 on CPU."
+    )
+    logging_steps: int = Field(1, ge=1, description="Log training metrics every N updates.")
+    eval_limit: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out prompts.")
+    eval_batch_size: int = Field(64, ge=1, description="Prompts per batch during evaluation.")
+    max_new_tokens: int = Field(24, ge=1, description="Longest answer generated during evaluation.")
+    n_samples: int = Field(8, ge=0, description="Rows in the before/after sample table.")
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> Config:
+        if self.algorithm == "ppo" and self.batch_size % self.num_mini_batches:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of num_mini_batches="
+                             f"{self.num_mini_batches}")
+        if self.algorithm != "ppo" and self.batch_size % self.num_generations:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of num_generations="
+                             f"{self.num_generations} for {self.algorithm}")
+        return self
+
+
+def check_same_tokenizer(policy_tok: Any, reward_tok: Any, policy_dir: Path, reward_dir: Path) -> None:
+    """The reward model reads the policy's token ids directly, so the two vocabularies must be identical."""
+    problems = []
+    if policy_tok.get_vocab() != reward_tok.get_vocab():
+        problems.append("different vocabularies")
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        if getattr(policy_tok, name) != getattr(reward_tok, name):
+            problems.append(f"different {name} ({getattr(policy_tok, name)} vs {getattr(reward_tok, name)})")
+    if policy_tok.chat_template != reward_tok.chat_template:
+        problems.append("different chat templates")
+    if problems:
+        raise StageError(
+            f"the policy ({policy_dir}) and the reward model ({reward_dir}) use different tokenizers: "
+            f"{', '.join(problems)}; train the reward model from this SFT model (reward stage input `model`)."
+        )
+
+
+def program_reward(completions: list, answer: list, **kwargs: Any) -> list[float]:
+    """1.0 when the completion is the prompt's expected answer (stages.corpus.check_answer), else 0.0."""
+    from stages.corpus import check_answer
+
+    out = []
+    for c, a in zip(completions, answer, strict=True):
+        text = c[-1]["content"] if isinstance(c, list) else str(c)
+        out.append(float(bool(a)) * float(check_answer(text, a)) if a else 0.0)
+    return out
+
+
+def _train_ppo(cfg: Config, tok: Any, policy: Any, ref: Any, reward: Any, value: Any, prompts: list[dict],
+               eval_prompts: list[dict], work: Path, prec: dict, tracker: Tracker) -> int:
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from stages.evaluate import encode_prompts
+
+    def tokenized(rows: list[dict]) -> Any:
+        return Dataset.from_dict({"input_ids": encode_prompts(tok, [r["prompt"] for r in rows])})
+
+    args = PPOConfig(
+        **common_training_args(work, cfg.seed, cfg.logging_steps),
+        **prec,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        # rollout batch = per-device batch with no accumulation: each minibatch is then one optimizer step
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=1,
+        num_mini_batches=cfg.num_mini_batches,
+        num_ppo_epochs=cfg.num_ppo_epochs,
+        total_episodes=cfg.total_episodes,
+        local_rollout_forward_batch_size=cfg.batch_size,
+        response_length=cfg.response_length,
+        temperature=cfg.temperature,
+        stop_token=cfg.stop_token,
+        missing_eos_penalty=cfg.missing_eos_penalty,
+        kl_coef=cfg.kl_coef,
+        kl_estimator=cfg.kl_estimator,
+        cliprange=cfg.cliprange,
+        vf_coef=cfg.vf_coef,
+        cliprange_value=cfg.cliprange_value,
+        gamma=cfg.gamma,
+        lam=cfg.lam,
+        whiten_rewards=cfg.whiten_rewards,
+        num_sample_generations=0,  # we evaluate on held-out prompts ourselves, after training
+        per_device_eval_batch_size=min(cfg.eval_batch_size, max(1, len(eval_prompts))),
+    )
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=tokenized(prompts),
+        eval_dataset=tokenized(eval_prompts or prompts[:1]),
+        callbacks=[tracker_callback(tracker)],
+    )
+    trainer.train()
+    return int(trainer.state.global_step)
+
+
+def _train_group(cfg: Config, tok: Any, reward_tok: Any, policy: Any, reward: Any, prompts: list[dict],
+                 work: Path, prec: dict, tracker: Tracker) -> int:
+    from datasets import Dataset
+
+    if cfg.algorithm == "grpo":
+        from trl import GRPOConfig as AlgoConfig
+        from trl import GRPOTrainer as AlgoTrainer
+    else:
+        from trl import RLOOConfig as AlgoConfig
+        from trl import RLOOTrainer as AlgoTrainer
+
+    funcs: list[Any] = [reward]
+    weights = [1.0]
+    procs: list[Any] = [reward_tok]
+    if cfg.program_reward_weight > 0:
+        if not all(p["answer"] for p in prompts):
+            raise StageError("program_reward_weight > 0 needs an `answer` on every RL prompt; the dataset lacks some.")
+        funcs.append(program_reward)
+        weights.append(cfg.program_reward_weight)
+        procs.append(None)
+    data = Dataset.from_list([{"prompt": p["prompt"], "answer": p["answer"] or ""} for p in prompts])
+    common = common_training_args(work, cfg.seed, cfg.logging_steps)
+    common["remove_unused_columns"] = False  # the program reward reads the `answer` column
+    args = AlgoConfig(
+        **common,
+        **prec,
+        epsilon=cfg.cliprange,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        per_device_train_batch_size=cfg.batch_size,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.response_length,
+        temperature=cfg.temperature,
+        beta=cfg.kl_coef,
+        num_iterations=cfg.num_ppo_epochs,
+        max_steps=math.ceil(cfg.total_episodes / cfg.batch_size),
+        reward_weights=weights,
+        log_completions=False,
+    )
+    trainer = AlgoTrainer(
+        model=policy,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        reward_processing_classes=procs,
+        callbacks=[tracker_callback(tracker)],
+    )
+    trainer.train()
+    return int(trainer.state.global_step)
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+
+    from stages.evaluate import (
+        encode_prompts,
+        exact_match,
+        generate,
+        load_heldout,
+        load_tokenizer,
+        reward_scores,
+        sequence_kl,
+    )
+
+    policy_dir = require_path(inputs.get("policy", ""), "input `policy` (the SFT stage's hf folder)")
+    reward_dir = require_path(inputs.get("reward_model", ""), "input `reward_model` (the reward stage's hf folder)")
+    tasks = inputs.get("tasks")
+    tasks_dir = require_path(tasks, "input `tasks`") if tasks is not None else None
+    out_dir = Path(out_dir)
+
+    # everything a user can get wrong is checked before any model is trained
+    src = resolve_source(cfg.dataset, tasks_dir, "rl_prompts.jsonl", "ppo.dataset")
+    prompts = load_prompts(src)
+    heldout = load_heldout(tasks_dir, cfg.eval_limit) if tasks_dir and (tasks_dir / "heldout.jsonl").exists() else []
+    tok = load_tokenizer(policy_dir, padding_side="left")
+    reward_tok = load_tokenizer(reward_dir, padding_side="right")
+    check_same_tokenizer(tok, reward_tok, policy_dir, reward_dir)
+    rm_cfg = json.loads((reward_dir / "config.json").read_text())
+    if rm_cfg.get("num_labels", len(rm_cfg.get("id2label", {}) or {0: 0})) != 1 or not any(
+        a.endswith("ForSequenceClassification") for a in rm_cfg.get("architectures", [])
+    ):
+        raise StageError(f"{reward_dir} is not a scalar reward model (needs a *ForSequenceClassification with "
+                         "num_labels=1); pass the reward stage's `hf` output as `reward_model`.")
+    if cfg.algorithm == "ppo" and len(prompts) < cfg.batch_size:
+        raise StageError(f"{src} has {len(prompts)} prompts, fewer than ppo.batch_size={cfg.batch_size}; lower "
+                         "batch_size or add prompts.")
+
+    fp = fingerprint(cfg, {"policy": policy_dir, "reward_model": reward_dir, "tasks": tasks_dir}, [src])
+    if (cached := cached_result(out_dir, fp)) is not None:
+        return cached
+
+    prec = precision_args(cfg.device, cfg.precision)
+    device = torch.device("cpu" if prec["use_cpu"] else ("cuda" if cfg.device == "auto" else cfg.device))
+    set_seed(cfg.seed)
+    policy = AutoModelForCausalLM.from_pretrained(str(policy_dir)).to(device)
+    ref = AutoModelForCausalLM.from_pretrained(str(policy_dir)).to(device)
+    reward = AutoModelForSequenceClassification.from_pretrained(str(reward_dir), num_labels=1).to(device)
+    reward.config.pad_token_id = tok.pad_token_id
+    for m in (ref, reward):
+        m.eval().requires_grad_(False)
+
+    ctx = getattr(policy.config, "max_position_embeddings", None)
+    longest = max(len(x) for x in encode_prompts(tok, [p["prompt"] for p in prompts]))
+    if ctx is not None and longest + cfg.response_length > ctx:
+        raise StageError(f"the longest RL prompt ({longest} tokens) plus ppo.response_length={cfg.response_length} "
+                         f"exceeds the policy's context of {ctx} tokens; shorten prompts or response_length.")
+
+    work = out_dir / ".trainer"
+    if cfg.algorithm == "ppo":
+        value = AutoModelForSequenceClassification.from_pretrained(str(reward_dir), num_labels=1).to(device)
+        value.config.pad_token_id = tok.pad_token_id
+        steps = _train_ppo(cfg, tok, policy, ref, reward, value, prompts, heldout, work, prec, tracker)
+        del value
+    else:
+        steps = _train_group(cfg, tok, reward_tok, policy, reward, prompts, work, prec, tracker)
+    policy.eval()
+    save_hf(policy, tok, out_dir / "hf", policy_dir)
+    shutil.rmtree(work, ignore_errors=True)
+
+    metrics: dict[str, float] = {}
+    samples: list[dict[str, Any]] = []
+    if heldout:
+        gen_kw = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens}
+        eval_prompts = [it["prompt"] for it in heldout]
+        after = generate(policy, tok, eval_prompts, progress=True, **gen_kw)
+        before = generate(ref, tok, eval_prompts, progress=True, **gen_kw)
+        r_after = reward_scores(reward, tok, [g.prompt_ids + g.response_ids for g in after], batch_size=cfg.eval_batch_size)
+        r_before = reward_scores(reward, tok, [g.prompt_ids + g.response_ids for g in before],
+                                 batch_size=cfg.eval_batch_size)
+        kls = sequence_kl(policy, ref, after, tok.pad_token_id, batch_size=cfg.eval_batch_size)
+        metrics["eval/reward_mean"] = sum(r_after) / len(r_after)
+        metrics["eval/sft_reward_mean"] = sum(r_before) / len(r_before)
+        metrics["eval/kl"] = sum(kls) / len(kls)
+        metrics["eval/eos_rate"] = sum(g.stopped for g in after) / len(after)
+        if all(it.get("answer") is not None for it in heldout):
+            em_after, rows_after = exact_match(policy, tok, heldout, generations=after)
+            em_before, rows_before = exact_match(ref, tok, heldout, generations=before)
+            metrics.update(em_after)
+            metrics["eval/sft_exact_match"] = em_before["eval/exact_match"]
+        for i, it in enumerate(heldout[: cfg.n_samples]):
+            row = {"prompt": prompt_text(it["prompt"]), "response_before": before[i].text,
+                   "response_after": after[i].text, "expected": it.get("answer"),
+                   "reward_before": r_before[i], "reward_after": r_after[i]}
+            if "eval/exact_match" in metrics:
+                row["correct_before"] = rows_before[i]["correct"]
+                row["correct"] = rows_after[i]["correct"]
+            samples.append(row)
+        tracker.log_metrics(metrics, step=steps)
+    result = StageResult(outputs={"hf": out_dir / "hf"}, metrics=metrics, samples=samples)
+    save_result(out_dir, fp, result)
+    return result

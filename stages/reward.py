@@ -1,0 +1,174 @@
+"""Reward stage: a scalar reward model trained on preference pairs with TRL's RewardTrainer.
+
+inputs:  model (the SFT model's hf dir), tasks (built-in task folder; optional when `dataset` is set)
+outputs: hf (AutoModelForSequenceClassification, num_labels=1, pad_token_id set, with tokenizer + chat template)
+metrics: eval/pairwise_accuracy (held-out pairs scored chosen > rejected), eval/reward_margin (mean chosen - rejected),
+         eval/pairwise_accuracy_before (the fresh scalar head, for comparison), train/* per logging step.
+
+The model starts from the SFT weights with a new scalar head; it scores a whole conversation at its last token,
+the same way the PPO stage scores the policy's answers.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stages.chat_data import load_preferences, prompt_text, resolve_source
+from stages.common import NullTracker, StageError, StageResult, Tracker, require_path
+from stages.sft import (
+    cached_result,
+    common_training_args,
+    fingerprint,
+    precision_args,
+    save_hf,
+    save_result,
+    tracker_callback,
+)
+
+
+class Config(BaseModel):
+    """Reward modeling on (prompt, chosen, rejected) preference pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = Field(
+        None,
+        description="Training preference pairs: a .jsonl/.parquet file or folder with `prompt`, `chosen`, `rejected` "
+        "columns (strings or message lists), a saved dataset folder, or a Hugging Face dataset name. "
+        "Empty = the built-in preferences.jsonl from the tasks input.",
+    )
+    eval_dataset: str | None = Field(
+        None,
+        description="Held-out preference pairs (same formats). Empty = the built-in preferences_eval.jsonl, or the "
+        "last 10% of the training pairs when there is none.",
+    )
+    epochs: float = Field(4.0, gt=0, description="Passes over the training pairs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps to run; > 0 overrides epochs.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name: cosine, linear, constant, ...")
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="Fraction of steps spent warming up the lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(32, ge=1, description="Preference pairs per device per step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_length: int | None = Field(
+        None, ge=8, description="Drop pairs longer than this many tokens; empty = the model's context."
+    )
+    center_rewards_coefficient: float | None = Field(
+        0.01, ge=0, description="Penalty pulling rewards toward zero mean (keeps PPO's reward scale sane); empty = off."
+    )
+    seed: int = Field(0, description="Random seed (scalar head init, data order).")
+    device: str = Field("auto", description="'auto' (CUDA if available), 'cpu' or 'cuda[:N]'.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto' = bf16 mixed precision on CUDA GPUs that support it, fp32 on CPU."
+    )
+    logging_steps: int = Field(5, ge=1, description="Log training metrics every N steps.")
+    eval_batch_size: int = Field(64, ge=1, description="Sequences per batch when scoring held-out pairs.")
+    n_samples: int = Field(8, ge=0, description="Rows in the sample table of scored held-out pairs.")
+
+
+def pairwise_eval(model: Any, tok: Any, pairs: list[dict], batch_size: int) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy (chosen scored above rejected) and mean margin on preference pairs."""
+    from stages.evaluate import reward_scores
+
+    seqs = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
+    scores = reward_scores(model, tok, seqs, batch_size=batch_size)
+    chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
+    wins = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    metrics = {
+        "eval/pairwise_accuracy": sum(wins) / len(wins),
+        "eval/reward_margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(pairs),
+        "eval/reward_chosen_mean": sum(chosen) / len(chosen),
+        "eval/reward_rejected_mean": sum(rejected) / len(rejected),
+    }
+    rows = [
+        {"prompt": prompt_text(p["prompt"]), "chosen": p["chosen"][-1]["content"],
+         "rejected": p["rejected"][-1]["content"], "score_chosen": c, "score_rejected": r, "correct": w}
+        for p, c, r, w in zip(pairs, chosen, rejected, wins, strict=True)
+    ]
+    return metrics, rows
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    from stages.evaluate import load_tokenizer
+
+    model_dir = require_path(inputs.get("model", ""), "input `model` (the SFT stage's hf folder)")
+    tasks = inputs.get("tasks")
+    tasks_dir = require_path(tasks, "input `tasks`") if tasks is not None else None
+    out_dir = Path(out_dir)
+
+    train_src = resolve_source(cfg.dataset, tasks_dir, "preferences.jsonl", "reward.dataset")
+    train_pairs = load_preferences(train_src)
+    eval_src = cfg.eval_dataset
+    if eval_src is None and tasks_dir is not None and (tasks_dir / "preferences_eval.jsonl").exists():
+        eval_src = tasks_dir / "preferences_eval.jsonl"
+    if eval_src is not None:
+        eval_pairs = load_preferences(eval_src)
+    else:
+        if len(train_pairs) < 2:
+            raise StageError(f"{train_src} has {len(train_pairs)} pair(s); with no eval_dataset at least 2 are "
+                             "needed so some can be held out.")
+        n_eval = max(1, len(train_pairs) // 10)
+        train_pairs, eval_pairs = train_pairs[:-n_eval], train_pairs[-n_eval:]
+
+    fp = fingerprint(cfg, {"model": model_dir, "tasks": tasks_dir}, [train_src, eval_src])
+    if (cached := cached_result(out_dir, fp)) is not None:
+        return cached
+
+    tok = load_tokenizer(model_dir, padding_side="right")
+    prec = precision_args(cfg.device, cfg.precision)
+    set_seed(cfg.seed)  # the scalar head is freshly initialised
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if cfg.max_length is not None and ctx is not None and cfg.max_length > ctx:
+        raise StageError(f"reward.max_length={cfg.max_length} exceeds the model's context of {ctx} tokens.")
+    if not prec["use_cpu"]:
+        model.to("cuda" if cfg.device == "auto" else cfg.device)
+    before, _ = pairwise_eval(model, tok, eval_pairs, cfg.eval_batch_size)
+
+    work = out_dir / ".trainer"
+    args = RewardConfig(
+        **common_training_args(work, cfg.seed, cfg.logging_steps),
+        **prec,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length or ctx,
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        disable_dropout=True,
+    )
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_pairs),
+        processing_class=tok,
+        callbacks=[tracker_callback(tracker)],
+    )
+    if len(trainer.train_dataset) == 0:
+        raise StageError(f"every pair in {train_src} is longer than max_length={args.max_length} tokens; raise it.")
+    train_out = trainer.train()
+    model = trainer.model
+    model.eval()
+    save_hf(model, tok, out_dir / "hf", model_dir)
+    shutil.rmtree(work, ignore_errors=True)
+
+    metrics, rows = pairwise_eval(model, tok, eval_pairs, cfg.eval_batch_size)
+    metrics["eval/pairwise_accuracy_before"] = before["eval/pairwise_accuracy"]
+    metrics["train/loss_final"] = float(train_out.training_loss)
+    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
+    result = StageResult(outputs={"hf": out_dir / "hf"}, metrics=metrics, samples=rows[: cfg.n_samples])
+    save_result(out_dir, fp, result)
+    return result

@@ -1,0 +1,147 @@
+"""Built-in corpus and task generator (stages/corpus.py): determinism, no train/held-out overlap, correct answers, answer checking. Run: .venv/bin/pytest tests/test_corpus.py"""
+
+import json
+import re
+
+import pytest
+
+from stages import corpus
+from stages.corpus import check_answer, normalize_answer
+
+SIZES = dict(n_sft=600, n_pref=300, n_heldout=100, n_rl_prompts=200)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return corpus.task_records(seed=3, **SIZES)
+
+
+def _prompts(recs, name):
+    rows = recs[name]
+    if name.startswith("sft"):
+        return [r["messages"][0]["content"] for r in rows]
+    if name.startswith("preferences"):
+        return [r["prompt"][0]["content"] for r in rows]
+    return [r["prompt"] for r in rows]
+
+
+def _split(prompt: str) -> tuple[str, str]:
+    # The question is the last sentence; everything before it is the scenario.
+    idx = prompt.rfind(". ")
+    return prompt[: idx + 1], prompt[idx + 2 :]
+
+
+def test_deterministic_and_seed_dependent(records):
+    assert corpus.task_records(seed=3, **SIZES) == records
+    assert corpus.task_records(seed=4, **SIZES) != records
+    docs_a = list(corpus.pretraining_documents(7, 50))
+    assert docs_a == list(corpus.pretraining_documents(7, 50))
+    assert docs_a != list(corpus.pretraining_documents(8, 50))
+
+
+def test_counts(records):
+    assert len(records["sft.jsonl"]) == 600
+    assert len(records["preferences.jsonl"]) == 300
+    assert len(records["rl_prompts.jsonl"]) == 200
+    for name in ("heldout.jsonl", "sft_eval.jsonl", "preferences_eval.jsonl"):
+        assert len(records[name]) == 100
+
+
+def test_heldout_never_overlaps_training(records):
+    train = set()
+    for name in ("sft.jsonl", "preferences.jsonl", "rl_prompts.jsonl"):
+        train |= set(_prompts(records, name))
+    held = set()
+    for name in ("heldout.jsonl", "sft_eval.jsonl", "preferences_eval.jsonl"):
+        held |= set(_prompts(records, name))
+    assert not train & held
+    # Stronger: no held-out scenario (fact sentences) is used in training prompts or in pretraining text.
+    held_contexts = {_split(p)[0] for p in held}
+    train_contexts = {_split(p)[0] for p in train}
+    assert not held_contexts & train_contexts
+    assert all(corpus.is_heldout(c) for c in held_contexts)
+    assert not any(corpus.is_heldout(c) for c in train_contexts)
+    text = "\n".join(corpus.pretraining_documents(3, 3000))
+    assert not [c for c in held_contexts if c in text]
+
+
+def test_answers_are_correct(records):
+    for r in records["heldout.jsonl"] + records["rl_prompts.jsonl"]:
+        context, question = _split(r["prompt"])
+        kind, answer = r["kind"], r["answer"]
+        assert kind in corpus.TASK_KINDS
+        if kind == "color":
+            owner, thing = re.match(r"What color is (\w+)'s (\w+)\?", question).groups()
+            assert re.search(rf"{owner} has an? {answer} {thing}\b", context)
+        elif kind == "owner":
+            color, thing = re.match(r"Who has the (\w+) (\w+)\?", question).groups()
+            assert re.search(rf"{answer} has an? {color} {thing}\b", context)
+        elif kind in ("add", "sub"):
+            x, y = map(int, re.findall(r"\d+", context))
+            assert int(answer) == (x + y if kind == "add" else x - y)
+        else:
+            (a, x), (b, y) = re.findall(r"(\w+) has (\d+)", context)
+            assert answer == (a if int(x) > int(y) else b)
+
+
+def test_all_kinds_present(records):
+    kinds = {r["kind"] for r in records["heldout.jsonl"]}
+    assert kinds == set(corpus.TASK_KINDS)
+
+
+def test_preferences_rejected_is_plausible_but_wrong(records):
+    for r in records["preferences.jsonl"] + records["preferences_eval.jsonl"]:
+        prompt = r["prompt"][0]["content"]
+        good, bad = r["chosen"][0]["content"], r["rejected"][0]["content"]
+        assert not check_answer(bad, good)
+        assert good.isdigit() == bad.isdigit()  # same type of answer
+        if not good.isdigit():
+            # another name/colour from the prompt, or of the same kind when the prompt names only one
+            assert bad in prompt or bad in corpus.COLORS or bad in corpus.NAMES
+
+
+def test_file_formats(tmp_path):
+    m = corpus.write_tasks(tmp_path, seed=1, n_sft=20, n_pref=10, n_heldout=5, n_rl_prompts=8)
+    assert set(m["files"]) == {"sft.jsonl", "sft_eval.jsonl", "preferences.jsonl", "preferences_eval.jsonl",
+                               "rl_prompts.jsonl", "heldout.jsonl"}
+    sft = [json.loads(x) for x in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert [m["role"] for m in sft[0]["messages"]] == ["user", "assistant"]
+    pref = json.loads((tmp_path / "preferences.jsonl").read_text().splitlines()[0])
+    assert set(pref) == {"prompt", "chosen", "rejected"}
+    assert pref["prompt"][0]["role"] == "user" and pref["chosen"][0]["role"] == "assistant"
+    held = json.loads((tmp_path / "heldout.jsonl").read_text().splitlines()[0])
+    assert set(held) == {"prompt", "answer", "kind"}
+    assert json.loads((tmp_path / "manifest.json").read_text())["files"]["sft.jsonl"]["rows"] == 20
+
+
+def test_pretraining_text_is_plain_prose():
+    docs = list(corpus.pretraining_documents(0, 300))
+    text = "\n".join(docs)
+    assert "<|" not in text and "assistant" not in text.lower()
+    assert "What color is" in text and "plus" in text  # questions answered in prose and worked sums
+    assert 100 < sum(len(d) for d in docs) / len(docs) < 1000
+
+
+@pytest.mark.parametrize(
+    ("response", "answer", "ok"),
+    [
+        ("green", "green", True),
+        ("  Green.\n", "green", True),
+        ("GREEN!", "green", True),
+        ('"Tom"', "Tom", True),
+        ("12", "12", True),
+        ("12\nand some more text", "12", True),
+        ("green boat", "green", False),
+        ("The answer is green", "green", False),
+        ("13", "12", False),
+        ("", "12", False),
+        ("1 2", "12", False),
+    ],
+)
+def test_check_answer(response, answer, ok):
+    assert check_answer(response, answer) is ok
+
+
+def test_normalize_answer():
+    assert normalize_answer("  Mia.  ") == "mia"
+    assert normalize_answer("\n\nblue\nred") == "blue"

@@ -1,0 +1,141 @@
+"""End to end: `llm-pipeline run` on configs/tiny.yaml in the embedded default, checked in the MLflow store (slow). Run: .venv/bin/pytest tests/test_e2e.py"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Short step counts: this checks the orchestration and the store, not model quality (the stage tests do that).
+SMALL = [
+    "ingest.sources=[{type: builtin, n_documents: 400, n_sft: 64, n_pref: 32, n_heldout: 8, n_rl_prompts: 16}]",
+    "tokenizer.vocab_size=300",
+    "pretrain.max_steps=4",
+    "pretrain.micro_batch_size=4",
+    "pretrain.max_seq_len=64",
+    "pretrain.warmup_steps=1",
+    "pretrain.eval_interval=4",
+    "pretrain.eval_batches=1",
+    "pretrain.checkpoint_interval=0",
+    "pretrain.sample_max_new_tokens=8",
+    "pretrain.exact_match_limit=4",
+    "sft.max_steps=2",
+    "sft.batch_size=8",
+    "sft.eval_limit=4",
+    "sft.max_new_tokens=8",
+    "sft.n_samples=2",
+    "reward.max_steps=2",
+    "reward.batch_size=8",
+    "reward.n_samples=2",
+    "ppo.total_episodes=8",
+    "ppo.batch_size=4",
+    "ppo.num_mini_batches=1",
+    "ppo.num_ppo_epochs=1",
+    "ppo.response_length=8",
+    "ppo.eval_limit=4",
+    "ppo.max_new_tokens=8",
+    "ppo.n_samples=2",
+]
+
+# The metrics each stage's issue promises (docs/ARCHITECTURE.md, "key metrics").
+EXPECTED_METRICS = {
+    "ingest": {"rows", "bytes"},
+    "tokenizer": {"vocab_size", "val/bytes_per_token"},
+    "pretrain": {"train/loss", "val/loss", "val/bpb", "eval/exact_match"},
+    "sft": {"eval/exact_match"},
+    "reward": {"eval/pairwise_accuracy", "eval/reward_margin"},
+    "ppo": {"eval/reward_mean", "eval/sft_reward_mean", "eval/kl", "eval/exact_match"},
+}
+MODEL = "tiny-assistant"
+
+
+def _cli(tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    args = [sys.executable, "-m", "flows.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml")]
+    for s in [*SMALL, f"pipeline.work_dir={tmp / 'work'}"]:
+        args += ["--set", s]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    t0 = time.monotonic()
+    r = subprocess.run([*args, *extra], capture_output=True, text=True, cwd=tmp, env=env, timeout=1500)
+    wall = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r, wall
+
+
+def _store(tmp: Path) -> tuple[Any, str]:
+    import mlflow
+
+    c = mlflow.MlflowClient(f"sqlite:///{tmp / 'work' / 'mlflow.db'}")
+    return c, c.get_experiment_by_name("llm-pipeline-tiny").experiment_id
+
+
+def _pipelines(c: Any, exp: str) -> list[Any]:
+    return c.search_runs([exp], "tags.`llm.pipeline` = 'true'", order_by=["attributes.start_time ASC"])
+
+
+def _hashes(c: Any, run_ids: list[str]) -> dict[str, dict[str, str]]:
+    out = {}
+    for rid in run_ids:
+        tags = c.get_run(rid).data.tags
+        out[tags["llm.stage"]] = {k: v for k, v in tags.items() if k.startswith("llm.output.") and k.endswith(".sha256")}
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end_then_cached_then_forced(tmp_path: Path) -> None:
+    _cli(tmp_path)
+    c, exp = _store(tmp_path)
+    (parent,) = _pipelines(c, exp)
+    assert parent.info.status == "FINISHED"
+    children = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["llm.stage"]: r for r in children}
+    assert sorted(by_stage) == sorted(EXPECTED_METRICS) and len(children) == 6
+    for stage, run in by_stage.items():
+        assert run.info.status == "FINISHED", stage
+        missing = EXPECTED_METRICS[stage] - set(run.data.metrics)
+        assert not missing, f"{stage} run lacks metrics {missing}"
+        assert run.data.params, f"{stage} run has no params"
+    arts = {a.path for a in c.list_artifacts(by_stage["tokenizer"].info.run_id, "tokenizer")}
+    assert "tokenizer/tokenizer.json" in arts
+    assert any(a.path == "hf/config.json" for a in c.list_artifacts(by_stage["ppo"].info.run_id, "hf"))
+    assert by_stage["sft"].data.tags["llm.upstream.pretrain"] == by_stage["pretrain"].info.run_id
+    (v1,) = c.search_model_versions(f"name='{MODEL}'")
+    assert v1.run_id == parent.info.run_id and v1.tags["llm.stage_run"] == by_stage["ppo"].info.run_id
+    first = _hashes(c, [r.info.run_id for r in children])
+
+    # nothing changed: no stage executes, everything is reused, no new model version, and it is quick
+    r2, wall = _cli(tmp_path)
+    p1, p2 = _pipelines(c, exp)
+    assert all(p2.data.tags[f"llm.reused.{s}"] == "true" for s in EXPECTED_METRICS), r2.stdout[-2000:]
+    assert {p2.data.tags[f"llm.stage_run.{s}"] for s in EXPECTED_METRICS} == {r.info.run_id for r in children}
+    assert len(c.search_model_versions(f"name='{MODEL}'")) == 1
+    assert "reused" in r2.stdout
+    assert wall < 30, f"fully cached rerun took {wall:.1f}s (target < 30 s)"
+
+    # one stage started alone from the pipeline run: resolves the same upstream runs, so it is a cache hit
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+           "LLM_PIPELINE_WORK_DIR": str(tmp_path / "work")}
+    base = [sys.executable, "-m", "flows.cli"]
+    sets = [a for s in [*SMALL, f"pipeline.work_dir={tmp_path / 'work'}"] for a in ("--set", s)]
+    r = subprocess.run([*base, "stage", "sft", "--from-run", p1.info.run_id, "--config",
+                        str(ROOT / "configs" / "tiny.yaml"), *sets],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0 and f"reused unchanged run {by_stage['sft'].info.run_id}" in r.stdout, r.stderr[-3000:]
+    # the registered model is usable by name
+    r = subprocess.run([*base, "generate", "--model", f"models:/{MODEL}/1", "--prompt", "What is 2 + 3?", "--chat",
+                        "--max-new-tokens", "4"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    # issue 7 item 9: executing every stage again gives byte-identical artifacts and no duplicate model version
+    _cli(tmp_path, "--force")
+    p3 = _pipelines(c, exp)[-1]
+    assert all(p3.data.tags[f"llm.reused.{s}"] == "false" for s in EXPECTED_METRICS)
+    again = _hashes(c, [p3.data.tags[f"llm.stage_run.{s}"] for s in EXPECTED_METRICS])
+    assert again == first
+    assert len(c.search_model_versions(f"name='{MODEL}'")) == 1

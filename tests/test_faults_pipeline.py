@@ -1,0 +1,243 @@
+"""Pipeline-level faults (issue 7 items 7, 8, 9 and path traversal) on fake stages. Run: .venv/bin/pytest tests/test_faults_pipeline.py"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import flows_fakes as ff
+import pytest
+
+from flows.stages import check_run_id, fetch_artifact, make_stage_flow, run_stage, safe_artifact_path
+from flows.tracking import TrackingUnavailableError, setup_tracking
+from stages.common import StageError
+
+SPECS = ff.fake_specs()
+BY_NAME = {s.name: s for s in SPECS}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ff.reset()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on loopback that the test can stop and start again on the same port and store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 180) -> None:
+        cmd = [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1",
+        ]
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not start; see {self.root / 'server.log'}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group we created: the server and its workers
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+# ---------------------------------------------------------------------------------------- item 7: tracking
+
+
+@pytest.mark.slow
+def test_server_stopped_mid_stage_loses_no_metrics_and_run_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    srv = MlflowServer(tmp_path)
+    srv.start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
+        restarted = threading.Event()
+
+        def hook(step: int) -> None:
+            if step == 3:
+                srv.stop()  # the tracking server dies while the stage trains
+
+                def restart() -> None:
+                    time.sleep(3)
+                    srv.start()
+                    restarted.set()
+
+                threading.Thread(target=restart, daemon=True).start()
+
+        ff.HOOKS["ingest"] = hook
+        sec = ff.section(tmp_path / "wd", tracking_wait_s=300)
+        out = run_stage(BY_NAME["ingest"], ff.FakeConfig(steps=30, step_sleep_s=0.1), sec)
+        assert restarted.is_set()
+        tr = setup_tracking(sec.experiment, sec.work_dir)
+        run = tr.client.get_run(out.run_id)
+        assert run.info.status == "FINISHED"
+        history = tr.client.get_metric_history(out.run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(30)), "every step's metric arrives after the outage"
+        assert {a.path for a in tr.client.list_artifacts(out.run_id)} >= {"corpus", "tasks"}
+        assert not list((tmp_path / "wd" / "tracking").glob("*.jsonl")), "spill file removed once delivered"
+    finally:
+        srv.stop()
+
+
+def test_server_down_at_start_fails_before_any_compute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    sec = ff.section(tmp_path / "wd")
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailableError, match=r"not reachable.*offline_tracking"):
+        run_stage(BY_NAME["ingest"], ff.FakeConfig(), sec)
+    assert time.monotonic() - t0 < 30
+    assert ff.CALLS == [] and not (tmp_path / "wd" / "stages").exists()
+
+
+def test_server_down_at_start_with_offline_logging_uses_local_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    wd = ff.work_dir(tmp_path)
+    out = run_stage(BY_NAME["ingest"], ff.FakeConfig(), ff.section(wd, offline_tracking=True))
+    assert ff.CALLS == ["ingest"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tr = setup_tracking("llm-pipeline", wd)
+    assert tr.client.get_run(out.run_id).info.status == "FINISHED"
+
+
+def test_cli_server_down_at_start_exits_nonzero_with_message(tmp_path: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"}
+    r = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
+         "--set", f"pipeline.work_dir={tmp_path / 'wd'}"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180,
+    )
+    assert r.returncode == 2 and "not reachable" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "wd" / "stages").exists()
+
+
+# ---------------------------------------------------------------------------------------- item 8: retries
+
+
+def test_transient_failure_retried_then_completes_deterministic_not_retried(tmp_path: Path) -> None:
+    ff.prefect_harness()
+    sec = ff.section(ff.work_dir(tmp_path), retries=2)
+    flow = make_stage_flow(BY_NAME["ingest"])
+    out = flow(config=ff.FakeConfig(transient_failures=2), pipeline=sec)
+    assert ff.ATTEMPTS["ingest"] == 3 and not out["reused"]
+    tr = setup_tracking(sec.experiment, sec.work_dir)
+    statuses = sorted(r.info.status for r in tr.client.search_runs([tr.experiment_id]))
+    assert statuses == ["FAILED", "FAILED", "FINISHED"]
+
+    ff.reset()
+    with pytest.raises(StageError, match="bad data"):
+        flow(config=ff.FakeConfig(fail=True, value=9), pipeline=sec)
+    assert ff.ATTEMPTS["ingest"] == 1, "a deterministic failure (bad data/config) is never retried"
+
+    ff.reset()
+    with pytest.raises(Exception, match="lr"):
+        flow(config={"lr": -1.0}, pipeline=sec)  # rejected by validation before the stage is called
+    assert ff.ATTEMPTS == {}
+
+
+# ---------------------------------------------------------------------------------------- item 9: determinism
+
+
+@pytest.mark.slow  # ~25 s: two full (fake) pipeline flows with model registration
+def test_same_pipeline_twice_identical_hashes_no_duplicate_versions(tmp_path: Path) -> None:
+    from flows.pipeline import make_pipeline_flow
+
+    ff.prefect_harness()
+    flow = make_pipeline_flow(SPECS)
+    cfg = flow.config_model.model_validate(
+        {"pipeline": {"work_dir": str(ff.work_dir(tmp_path)), "system_metrics": False, "registered_model": "m9"}}
+    )
+    first = flow(config=cfg)
+    forced = flow(config=cfg, force=True)  # executes every stage again
+    assert not any(s["reused"] for s in forced["stages"])
+    assert [s["output_hashes"] for s in forced["stages"]] == [s["output_hashes"] for s in first["stages"]]
+    assert [s["run_id"] for s in forced["stages"]] != [s["run_id"] for s in first["stages"]]
+    tr = setup_tracking(cfg.pipeline.experiment, cfg.pipeline.work_dir)
+    assert len(tr.client.search_model_versions("name='m9'")) == 1 and not forced["model_version_created"]
+
+
+# ---------------------------------------------------------------------------------------- path traversal
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/../../x", "/etc/passwd", "~/x", "a\\..\\x", "", "a//b"])
+def test_artifact_paths_cannot_escape(bad: str) -> None:
+    with pytest.raises(StageError):
+        safe_artifact_path(bad)
+
+
+def test_run_ids_and_refs_are_checked() -> None:
+    for bad in ["../../etc", "a/b", "x" * 100, ""]:
+        with pytest.raises(StageError):
+            check_run_id(bad)
+    assert safe_artifact_path("hf/model.safetensors") == "hf/model.safetensors"
+
+
+def test_tampered_lineage_tag_and_escaping_outputs_are_refused(tmp_path: Path) -> None:
+    wd = ff.work_dir(tmp_path)
+    sec = ff.section(wd)
+    ing = run_stage(BY_NAME["ingest"], ff.FakeConfig(), sec)
+    tr = setup_tracking(sec.experiment, sec.work_dir)
+    # an artifact path recorded in MLflow that points outside the work dir is never followed
+    tr.client.set_tag(ing.run_id, "llm.output.corpus.artifact", "../../../../tmp/evil")
+    with pytest.raises(StageError, match="escape"):
+        run_stage(BY_NAME["tokenizer"], ff.FakeConfig(), sec, upstream={"ingest": ing.run_id})
+    with pytest.raises(StageError, match="escape"):
+        fetch_artifact(tr, ing.run_id, "../../x", "0" * 64, wd)
+    # a stage that reports an output outside its out_dir fails and its run is marked failed
+    with pytest.raises(StageError, match="outside"):
+        run_stage(BY_NAME["ingest"], ff.FakeConfig(escape=True), sec)
+
+
+def test_symlink_inside_an_output_cannot_smuggle_outside_files(tmp_path: Path) -> None:
+    from flows.stages import _check_outputs
+    from stages.common import StageResult
+
+    out_dir = tmp_path / "out"
+    (out_dir / "corpus").mkdir(parents=True)
+    (out_dir / "corpus" / "ok.txt").write_text("ok")
+    assert _check_outputs(StageResult(outputs={"corpus": out_dir / "corpus"}), out_dir, "ingest")
+    (tmp_path / "secret.txt").write_text("secret")
+    (out_dir / "corpus" / "leak.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(StageError, match="outside"):
+        _check_outputs(StageResult(outputs={"corpus": out_dir / "corpus"}), out_dir, "ingest")
+    with pytest.raises(StageError, match="plain name"):
+        _check_outputs(StageResult(outputs={"../x": out_dir / "corpus"}), out_dir, "ingest")
+
+
+def test_corrupted_artifact_is_detected_by_hash(tmp_path: Path) -> None:
+    wd = ff.work_dir(tmp_path)
+    sec = ff.section(wd)
+    ing = run_stage(BY_NAME["ingest"], ff.FakeConfig(), sec)
+    stored = next((wd / "mlartifacts").rglob("corpus/data.txt"))
+    stored.write_text("flipped\n")
+    tr = setup_tracking(sec.experiment, sec.work_dir)
+    with pytest.raises(StageError, match="does not match its recorded sha256"):
+        fetch_artifact(tr, ing.run_id, "corpus", ing.output_hashes["corpus"], wd)
+    assert not (wd / "inputs" / ing.run_id / "corpus").exists(), "a corrupt download is not kept"
+

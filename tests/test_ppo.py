@@ -1,0 +1,104 @@
+"""PPO stage (stages/ppo.py): PPO / GRPO / RLOO runs on tiny models, evaluation metrics, bad input; run: pytest tests/test_ppo.py"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from posttrain_helpers import make_model, make_tasks, make_tokenizer
+
+from stages import ppo
+from stages.common import ListTracker, StageError
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification
+
+    root = tmp_path_factory.mktemp("ppo")
+    tasks = make_tasks(root, n_train=32, n_eval=6)
+    tok = make_tokenizer(root / "tok", tasks)
+    make_model(root / "sft", tok, seed=0)
+    torch.manual_seed(1)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(root / "sft"), num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(str(root / "rm"))
+    for f in (root / "tok").iterdir():
+        shutil.copy2(f, root / "rm" / f.name)
+    return root, tasks
+
+
+def _inputs(root, tasks):
+    return {"policy": root / "sft", "reward_model": root / "rm", "tasks": tasks}
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_ppo_updates_the_policy_and_reports_eval_metrics(setup, tmp_path):
+    root, tasks = setup
+    tracker = ListTracker()
+    cfg = ppo.Config(total_episodes=16, batch_size=8, num_mini_batches=2, num_ppo_epochs=1, response_length=6,
+                     learning_rate=1e-3, max_new_tokens=6)
+    res = ppo.run(cfg, _inputs(root, tasks), tmp_path / "out", tracker)
+    m = res.metrics
+    for key in ("eval/reward_mean", "eval/sft_reward_mean", "eval/kl", "eval/exact_match", "eval/sft_exact_match"):
+        assert key in m, key
+    assert m["eval/kl"] > 0, "the policy moved away from the reference"
+    assert len(tracker.series("train/objective/kl")) == 2  # two PPO updates (16 episodes / 8 per batch)
+    before, after = _weights(root / "sft"), _weights(res.outputs["hf"])
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((res.outputs["hf"] / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert set(res.samples[0]) >= {"prompt", "response_before", "response_after", "expected", "reward_after"}
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_group_algorithms_run_with_the_program_reward(setup, tmp_path, algorithm):
+    root, tasks = setup
+    tracker = ListTracker()
+    cfg = ppo.Config(algorithm=algorithm, total_episodes=8, batch_size=8, num_generations=4, response_length=6,
+                     program_reward_weight=1.0, num_ppo_epochs=1, learning_rate=1e-3, max_new_tokens=6)
+    res = ppo.run(cfg, _inputs(root, tasks), tmp_path / "out", tracker)
+    assert "eval/reward_mean" in res.metrics and res.metrics["eval/kl"] >= 0
+    assert tracker.series("train/rewards/program_reward/mean"), "the program-checked reward was used"
+    before, after = _weights(root / "sft"), _weights(res.outputs["hf"])
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_program_reward_checks_answers():
+    comps = [[{"role": "assistant", "content": "12."}], [{"role": "assistant", "content": "13"}], "red"]
+    assert ppo.program_reward(comps, ["12", "12", ""]) == [1.0, 0.0, 0.0]
+
+
+def test_different_tokenizers_fail_before_training(setup, tmp_path):
+    root, tasks = setup
+    other_tok = make_tokenizer(tmp_path / "tok2", tasks, vocab_size=300)
+    make_model(tmp_path / "rm2", other_tok)
+    with pytest.raises(StageError, match="different tokenizers"):
+        ppo.run(ppo.Config(), {"policy": root / "sft", "reward_model": tmp_path / "rm2", "tasks": tasks},
+                tmp_path / "o1")
+    assert not (tmp_path / "o1").exists()
+
+
+def test_bad_inputs_fail_before_training(setup, tmp_path):
+    root, tasks = setup
+    # a causal LM where the reward model belongs
+    with pytest.raises(StageError, match="not a scalar reward model"):
+        ppo.run(ppo.Config(), {"policy": root / "sft", "reward_model": root / "sft", "tasks": tasks}, tmp_path / "o")
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(StageError, match="needs `prompt`"):
+        ppo.run(ppo.Config(dataset=str(bad)), _inputs(root, tasks), tmp_path / "o")
+    bad.write_text("")
+    with pytest.raises(StageError, match="empty"):
+        ppo.run(ppo.Config(dataset=str(bad)), _inputs(root, tasks), tmp_path / "o")
+    with pytest.raises(StageError, match="fewer than ppo.batch_size"):
+        ppo.run(ppo.Config(batch_size=64, num_mini_batches=1), _inputs(root, tasks), tmp_path / "o")
+    with pytest.raises(ValueError, match="multiple of num_mini_batches"):
+        ppo.Config(batch_size=10, num_mini_batches=4)
+    assert not (tmp_path / "o").exists()
