@@ -5,7 +5,8 @@ It produces, deterministically from one seed:
 * pretraining documents: short stories that state facts ("Mia has a red kite and Tom has a green boat.") and
   answer questions about them in plain prose, worked sums, and simple English filler;
 * SFT chat pairs, preference pairs (chosen = right answer, rejected = a plausible wrong answer of the same type
-  taken from the prompt), RL prompts, and held-out evaluation sets.
+  taken from the prompt, an invented one the prompt never mentions, or an off-topic sentence; see PREF_HARD), RL
+  prompts, and held-out evaluation sets.
 
 Every question is about facts stated in its own prompt, so a tiny model can answer an unseen combination of
 names, colours and numbers once it has learned to look things up in context and to add small numbers. Answers
@@ -226,6 +227,28 @@ def _unique_items(rng: random.Random, n: int, heldout: bool, seen: set[str]) -> 
     return items
 
 
+# Mix of rejected answers in preference pairs. "hard": the item's plausible wrong answer (another colour/name from
+# the prompt, a near miss of a sum); "off": a wrong answer of the right type that the prompt never mentions; the
+# rest: an off-topic sentence. The last two are what sampled rollouts of a small policy actually produce (invented
+# names, rambling prose), so a reward model used by PPO must rank them low; hard pairs alone need the in-context
+# retrieval that a tiny model only partly learns, and leave the reward model near chance on those kinds.
+PREF_HARD, PREF_OFF = 0.4, 0.3
+
+
+def _rejected(item: Item, rng: random.Random) -> str:
+    r = rng.random()
+    if r < PREF_HARD:
+        return item.wrong
+    if r < PREF_HARD + PREF_OFF:
+        if item.answer.isdigit():
+            mentioned = set(re.findall(r"\d+", item.prompt)) | {item.answer}
+            return rng.choice([str(v) for v in range(0, 28) if str(v) not in mentioned])
+        pool = COLORS if item.kind == "color" else NAMES
+        words = set(re.findall(r"\w+", item.prompt))
+        return rng.choice([w for w in pool if w not in words and w != item.answer])
+    return _filler_sentence(rng)
+
+
 def task_records(seed: int, n_sft: int, n_pref: int, n_heldout: int, n_rl_prompts: int) -> dict[str, list[dict]]:
     """The task files' contents (see docs/ARCHITECTURE.md): file name -> JSON records."""
     rng = random.Random(f"tasks-{seed}")
@@ -236,7 +259,9 @@ def task_records(seed: int, n_sft: int, n_pref: int, n_heldout: int, n_rl_prompt
         return [{"messages": [_user(i.prompt), _assistant(i.answer)]} for i in items]
 
     def pref(items: list[Item]) -> list[dict]:
-        return [{"prompt": [_user(i.prompt)], "chosen": [_assistant(i.answer)], "rejected": [_assistant(i.wrong)]}
+        # the rejected answer has its own rng, keyed by the prompt: the other files stay exactly as before
+        return [{"prompt": [_user(i.prompt)], "chosen": [_assistant(i.answer)],
+                 "rejected": [_assistant(_rejected(i, random.Random(f"rejected-{seed}-{i.prompt}")))]}
                 for i in items]
 
     def prompts(items: list[Item]) -> list[dict]:

@@ -183,7 +183,9 @@ class Config(BaseModel):
     method: Literal["full", "lora"] = Field("full", description="'full' fine-tunes every weight; 'lora' trains "
                                             "low-rank adapters (merged into the output).")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (used when method is lora).")
-    epochs: float = Field(10.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    # built-in task, tiny preset: 6 epochs at 1e-3 reach 0.55 held-out exact match (10 epochs: 0.57, 1.7x the time);
+    # fewer epochs at a higher lr (4 at 2e-3 / 5e-3) fell to 0.1-0.25, so the step count is what matters here
+    epochs: float = Field(6.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps to run; > 0 overrides epochs.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name: cosine, linear, constant, ...")

@@ -89,15 +89,26 @@ def test_all_kinds_present(records):
     assert kinds == set(corpus.TASK_KINDS)
 
 
-def test_preferences_rejected_is_plausible_but_wrong(records):
+def test_preferences_rejected_is_wrong_and_mixed(records):
+    """Rejected answers: wrong, and a mix of same-type answers from the prompt, invented ones, and off-topic prose."""
+    seen = {"from_prompt": 0, "invented": 0, "sentence": 0}
     for r in records["preferences.jsonl"] + records["preferences_eval.jsonl"]:
         prompt = r["prompt"][0]["content"]
         good, bad = r["chosen"][0]["content"], r["rejected"][0]["content"]
         assert not check_answer(bad, good)
+        if " " in bad:
+            assert bad.endswith(".") and len(bad.split()) >= 3, bad
+            seen["sentence"] += 1
+            continue
         assert good.isdigit() == bad.isdigit()  # same type of answer
         if not good.isdigit():
-            # another name/colour from the prompt, or of the same kind when the prompt names only one
-            assert bad in prompt or bad in corpus.COLORS or bad in corpus.NAMES
+            assert bad in corpus.COLORS or bad in corpus.NAMES
+        in_prompt = bad in re.findall(r"\w+", prompt)
+        seen["from_prompt" if in_prompt else "invented"] += 1
+    n = sum(seen.values())
+    # PREF_HARD / PREF_OFF set the mix; hard items may also draw a wrong answer the prompt does not mention
+    assert seen["sentence"] / n == pytest.approx(1 - corpus.PREF_HARD - corpus.PREF_OFF, abs=0.08)
+    assert seen["from_prompt"] / n > 0.2 and seen["invented"] / n > 0.2, seen
 
 
 def test_file_formats(tmp_path):
