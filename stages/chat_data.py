@@ -124,6 +124,15 @@ def resolve_source(source: str | Path | None, tasks_dir: Path | None, builtin_fi
     return path
 
 
+
+def resolve_eval_source(source: str | Path | None, tasks_dir: Path | None, builtin_file: str) -> Path | str | None:
+    """The configured held-out source, else the built-in held-out task file when there is one, else None."""
+    if source is not None and str(source) != "":
+        return source
+    if tasks_dir is not None and (Path(tasks_dir) / builtin_file).exists():
+        return Path(tasks_dir) / builtin_file
+    return None
+
 # ------------------------------------------------------------------------------------------------- normalisation
 def _as_messages(value: Any, default_role: str, where: str, column: str) -> list[Message]:
     if isinstance(value, str):

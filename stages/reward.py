@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages.chat_data import load_preferences, prompt_text, resolve_source
+from stages.chat_data import load_preferences, prompt_text, resolve_eval_source, resolve_source
 from stages.common import NullTracker, StageError, StageResult, Tracker, require_path
 from stages.sft import (
     cached_result,
@@ -108,9 +108,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
 
     train_src = resolve_source(cfg.dataset, tasks_dir, "preferences.jsonl", "reward.dataset")
     train_pairs = load_preferences(train_src)
-    eval_src = cfg.eval_dataset
-    if eval_src is None and tasks_dir is not None and (tasks_dir / "preferences_eval.jsonl").exists():
-        eval_src = tasks_dir / "preferences_eval.jsonl"
+    eval_src = resolve_eval_source(cfg.eval_dataset, tasks_dir, "preferences_eval.jsonl")
     if eval_src is not None:
         eval_pairs = load_preferences(eval_src)
     else:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages.chat_data import load_chat, resolve_source
+from stages.chat_data import load_chat, resolve_eval_source, resolve_source
 from stages.common import (
     NullTracker,
     StageError,
@@ -278,9 +278,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     # validate the data before any model work
     train_src = resolve_source(cfg.dataset, tasks_dir, "sft.jsonl", "sft.dataset")
     train_rows = load_chat(train_src)
-    eval_src = cfg.eval_dataset
-    if eval_src is None and tasks_dir is not None and (tasks_dir / "sft_eval.jsonl").exists():
-        eval_src = tasks_dir / "sft_eval.jsonl"
+    eval_src = resolve_eval_source(cfg.eval_dataset, tasks_dir, "sft_eval.jsonl")
     eval_rows = load_chat(eval_src) if eval_src is not None else None
     heldout = load_heldout(tasks_dir, cfg.eval_limit) if tasks_dir and (tasks_dir / "heldout.jsonl").exists() else []
 
