@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error in the pretrain config: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"outputs": {k: str(v) for k, v in result.outputs.items()}, "metrics": result.metrics}))
+    from llm import distributed as D
+
+    D.exit_worker()  # under torchrun: ranks leave the process group together (returns on one process)
 
 
 if __name__ == "__main__":

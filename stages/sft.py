@@ -13,6 +13,7 @@ This module also holds the trainer plumbing the reward and PPO stages share (pre
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,8 @@ from stages.common import (
     sha256_tree,
     write_json,
 )
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- shared trainer plumbing
@@ -158,6 +161,37 @@ def check_assistant_mask(tokenizer: Any, messages: list[dict[str, str]], where: 
         )
 
 
+def checkpoint_args(every: int) -> dict[str, Any]:
+    """TrainingArguments keys for periodic resumable checkpoints (model, optimizer, scheduler, RNG, data position)."""
+    if every <= 0:
+        return {}
+    return {"save_strategy": "steps", "save_steps": every, "save_total_limit": 2, "save_only_model": False}
+
+
+def resume_point(work: Path, fp: str) -> Path | None:
+    """The newest complete Trainer checkpoint an interrupted run of the same stage inputs left in `work`.
+
+    The Trainer writes `trainer_state.json` last, so a checkpoint without a readable one was cut off mid-write: it
+    is removed. A work folder from a run with other inputs or config (another fingerprint) is discarded whole.
+    Resuming loads optimizer/scheduler/RNG files with torch.load(weights_only=True) (transformers does so).
+    """
+    stamp = work / "fingerprint"
+    if work.exists() and (not stamp.is_file() or stamp.read_text().strip() != fp):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fp)
+    complete = []
+    for ck in work.glob("checkpoint-*"):
+        try:
+            step = int(ck.name.split("-", 1)[1])
+            json.loads((ck / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            shutil.rmtree(ck, ignore_errors=True)
+            continue
+        complete.append((step, ck))
+    return max(complete)[1] if complete else None
+
+
 def merge_lora(model: Any) -> Any:
     """Fold LoRA adapters into the base weights and return the plain transformers model."""
     from peft import PeftModel
@@ -210,6 +244,10 @@ class Config(BaseModel):
     eval_batch_size: int = Field(64, ge=1, description="Prompts per batch during evaluation.")
     max_new_tokens: int = Field(24, ge=1, description="Longest answer generated during evaluation.")
     n_samples: int = Field(8, ge=0, description="Rows in the before/after sample table.")
+    checkpoint_steps: int = Field(
+        50, ge=0, description="Save a resumable Trainer checkpoint every N optimizer steps (0 = off); rerunning the "
+        "stage after a crash resumes from the newest complete one (the two newest are kept).",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- stage
@@ -238,7 +276,7 @@ def build_trainer(cfg: Config, model: Any, tok: Any, train_rows: list[dict], eva
         peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     args = SFTConfig(
-        **common_training_args(work, cfg.seed, cfg.logging_steps),
+        **{**common_training_args(work, cfg.seed, cfg.logging_steps), **checkpoint_args(cfg.checkpoint_steps)},
         **prec,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -302,9 +340,13 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     before_metrics, before_rows = exact_match(model, tok, heldout, **gen_kw) if heldout else ({}, [])
 
     work = out_dir / ".trainer"
+    resume = resume_point(work, fp)
     trainer = build_trainer(cfg, model, tok, train_rows, eval_rows, work, max_length, prec, tracker)
-    train_out = trainer.train()
-    metrics: dict[str, float] = {"train/loss_final": float(train_out.training_loss)}
+    if resume is not None:
+        log.info("sft: resuming from %s", resume)
+    train_out = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    metrics: dict[str, float] = {"train/loss_final": float(train_out.training_loss),
+                                 "train/resumed_from_step": float(resume.name.split("-")[1]) if resume else 0.0}
     if eval_rows:
         ev = trainer.evaluate()
         metrics["eval/loss"] = float(ev["eval_loss"])

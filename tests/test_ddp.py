@@ -93,7 +93,7 @@ def worker(tokens: Path, out: Path, parallel: str, steps: int, crash_after: int)
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:
         save_file({k: v.clone().contiguous() for k, v in sd.items()}, str(out / "final.safetensors"))
-    D.destroy()
+    D.exit_worker()
 
 
 def run_torchrun(tokens: Path, out: Path, parallel: str, nproc: int, crash_after: int = 0) -> dict:

@@ -136,3 +136,60 @@ def test_bad_input_fails_before_training(setup, tmp_path):
     with pytest.raises(StageError, match="generation"):
         sft.run(sft.Config(), {"model": plain, "tasks": tasks}, tmp_path / "o5")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6)), "nothing is written on bad input"
+
+
+KILL_CHILD = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(1)
+from stages import sft
+
+class KillAt:
+    '''kill -9 of the whole process once step {kill_at} is logged (the checkpoint of step {ckpt} is complete)'''
+    def log_metrics(self, metrics, step=None):
+        if step is not None and step >= {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+cfg = sft.Config(**{cfg!r})
+sft.run(cfg, {{"model": Path({base!r}), "tasks": Path({tasks!r})}}, Path({out!r}), KillAt())
+"""
+
+
+@pytest.mark.slow
+def test_kill9_mid_sft_resumes_from_the_last_checkpoint_and_matches(setup, tmp_path):
+    """Fault 1 (SFT): kill -9 after a Trainer checkpoint; the rerun resumes there, finishes, and ends on the weights
+    an uninterrupted run reaches."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, tasks = setup
+    torch.set_num_threads(1)
+    kw = dict(max_steps=8, batch_size=4, logging_steps=1, checkpoint_steps=2, eval_limit=2, max_new_tokens=2,
+              learning_rate=1e-2)
+    ref = sft.run(sft.Config(**kw), {"model": root / "base", "tasks": tasks}, tmp_path / "ref")
+
+    out = tmp_path / "out"
+    code = KILL_CHILD.format(root=str(Path(__file__).parent.parent), kill_at=5, ckpt=4, cfg=kw,
+                             base=str(root / "base"), tasks=str(tasks), out=str(out))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == -9, p.stderr[-3000:]
+    ckpts = sorted(c.name for c in (out / ".trainer").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-2", "checkpoint-4"], ckpts
+    assert not (out / "hf").exists()
+    # a checkpoint cut off mid-write (no trainer_state.json yet) must be skipped and removed
+    torn = out / ".trainer" / "checkpoint-6"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+
+    tracker = ListTracker()
+    res = sft.run(sft.Config(**kw), {"model": root / "base", "tasks": tasks}, out, tracker)
+    assert res.metrics["train/resumed_from_step"] == 4
+    steps = [s for s, m in tracker.history if "train/loss" in m]
+    assert steps == [5, 6, 7, 8], "the resumed run trains exactly the steps after the checkpoint"
+    assert not (out / ".trainer").exists()
+    resumed, reference = _weights(res.outputs["hf"]), _weights(ref.outputs["hf"])
+    for k in reference:
+        torch.testing.assert_close(resumed[k], reference[k], atol=1e-6, rtol=1e-5, msg=k)
