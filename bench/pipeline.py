@@ -23,29 +23,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Small sizes for a quick look: every stage runs a handful of steps (the overhead ratio is then much larger).
-QUICK = [
-    "ingest.sources=[{type: builtin, n_documents: 400, n_sft: 64, n_pref: 32, n_heldout: 8, n_rl_prompts: 16}]",
-    "tokenizer.vocab_size=300",
-    "pretrain.max_steps=20",
-    "pretrain.micro_batch_size=4",
-    "pretrain.max_seq_len=64",
-    "pretrain.warmup_steps=1",
-    "pretrain.eval_interval=0",
-    "pretrain.checkpoint_interval=0",
-    "pretrain.exact_match_limit=4",
-    "sft.max_steps=4",
-    "sft.batch_size=8",
-    "sft.eval_limit=4",
-    "reward.max_steps=4",
-    "reward.batch_size=8",
-    "ppo.total_episodes=8",
-    "ppo.batch_size=4",
-    "ppo.num_mini_batches=1",
-    "ppo.num_ppo_epochs=1",
-    "ppo.response_length=8",
-    "ppo.eval_limit=4",
-]
 
 
 def run_direct(cfg: Any, root: Path) -> tuple[float, dict[str, float]]:
@@ -81,7 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--quick", action="store_true", help="tiny step counts (a minute or two on 2 cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="configs/smoke.yaml instead of --config: a few steps per stage (a minute or two on 2 cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the results as the last line")
     args = parser.parse_args()
 
@@ -91,7 +69,9 @@ def main() -> None:
     from flows.config import load_config
 
     base = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    overrides = [*(QUICK if args.quick else []), *args.overrides, f"pipeline.work_dir={base / 'work'}",
+    if args.quick:
+        args.config = str(ROOT / "configs" / "smoke.yaml")
+    overrides = [*args.overrides, f"pipeline.work_dir={base / 'work'}",
                  "pipeline.experiment=bench-pipeline"]
     cfg = load_config(args.config, overrides)
     # import everything both sides use before timing: the comparison is about work, not import time

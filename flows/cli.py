@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3", "alembic"):
+    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _prepare_env()
     argv = list(sys.argv[1:] if argv is None else argv)

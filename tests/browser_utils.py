@@ -19,38 +19,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Sizes that make the whole pipeline a few seconds per stage on 2 CPU cores; the deployment's defaults, which the
-# test then changes in one place the way a person edits the UI form.
-TINY = [
-    "ingest.sources=[{type: builtin, n_documents: 400, n_sft: 64, n_pref: 32, n_heldout: 8, n_rl_prompts: 16}]",
-    "tokenizer.vocab_size=300",
-    "pretrain.max_steps=4",
-    "pretrain.micro_batch_size=4",
-    "pretrain.max_seq_len=64",
-    "pretrain.warmup_steps=1",
-    "pretrain.eval_interval=0",
-    "pretrain.eval_batches=1",
-    "pretrain.checkpoint_interval=0",
-    "pretrain.sample_max_new_tokens=8",
-    "pretrain.exact_match_limit=4",
-    "sft.max_steps=2",
-    "sft.batch_size=8",
-    "sft.eval_limit=4",
-    "sft.max_new_tokens=8",
-    "sft.n_samples=2",
-    "reward.max_steps=2",
-    "reward.batch_size=8",
-    "reward.n_samples=2",
-    "ppo.total_episodes=8",
-    "ppo.batch_size=4",
-    "ppo.num_mini_batches=1",
-    "ppo.num_ppo_epochs=1",
-    "ppo.response_length=8",
-    "ppo.eval_limit=4",
-    "ppo.max_new_tokens=8",
-    "ppo.n_samples=2",
-    "pipeline.system_metrics=false",
-]
+# The deployments start from configs/smoke.yaml (a few seconds per stage on 2 CPU cores), which the tests then
+# change in one place the way a person edits the UI form; on top of it: no eval pass, no system-metrics sampler.
+SMOKE = ROOT / "configs" / "smoke.yaml"
+UI_OVERRIDES = ["pretrain.eval_interval=0", "pipeline.system_metrics=false"]
+REGISTERED_MODEL = "smoke-assistant"  # configs/smoke.yaml's pipeline.registered_model
 
 
 def free_port() -> int:
@@ -131,7 +104,7 @@ class Stack:
                 self.client_env[k] = v
 
     def start_serve(self) -> None:
-        argv = [*cli(), "serve", "--work-dir", str(self.work), "--name", self.name]
+        argv = [*cli(), "serve", "--work-dir", str(self.work), "--name", self.name, "--config", str(SMOKE)]
         for o in self.overrides:
             argv += ["--set", o]
         # The run's own outputs go to the stage work dir below root, through the pipeline config.

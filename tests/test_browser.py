@@ -12,7 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_utils import CHROMIUM, TINY, Stack, Steps, chromium, screenshot_dir, wait_for
+from browser_utils import (
+    CHROMIUM,
+    REGISTERED_MODEL,
+    UI_OVERRIDES,
+    Stack,
+    Steps,
+    chromium,
+    screenshot_dir,
+    wait_for,
+)
 
 # The whole path runs the tiny pipeline once and one stage again: minutes on 2 busy cores.
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -30,7 +39,7 @@ def stack(tmp_path_factory):
         )
     root = tmp_path_factory.mktemp("browser")
     s = Stack(root, name="browser",
-              overrides=[*TINY, f"pipeline.work_dir={root / 'pipeline-work'}", f"pipeline.experiment={EXPERIMENT}"])  # fmt: skip
+              overrides=[*UI_OVERRIDES, f"pipeline.work_dir={root / 'pipeline-work'}", f"pipeline.experiment={EXPERIMENT}"])  # fmt: skip
     try:
         s.start_up()
         s.start_serve()
@@ -271,7 +280,7 @@ def check_mlflow(page, steps: Steps, pipeline_run_url: str, mlflow_url: str, exp
     with steps.step("registered model"):
         page.goto(f"{mlflow_url}/#/models")
         dismiss_promotion(page)
-        page.get_by_role("link", name="llm-pipeline-assistant").first.click()
+        page.get_by_role("link", name=REGISTERED_MODEL).first.click()
         dismiss_promotion(page)
         expect(page.get_by_role("link", name=re.compile(r"Version 1")).first).to_be_visible()
 

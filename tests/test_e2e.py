@@ -1,4 +1,4 @@
-"""End to end: `llm-pipeline run` on configs/tiny.yaml in the embedded default, checked in the MLflow store (slow). Run: .venv/bin/pytest tests/test_e2e.py"""
+"""End to end: `llm-pipeline run` on configs/smoke.yaml in the embedded default, checked in the MLflow store (slow). Run: .venv/bin/pytest tests/test_e2e.py"""
 
 from __future__ import annotations
 
@@ -13,36 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Short step counts: this checks the orchestration and the store, not model quality (the stage tests do that).
-SMALL = [
-    "ingest.sources=[{type: builtin, n_documents: 400, n_sft: 64, n_pref: 32, n_heldout: 8, n_rl_prompts: 16}]",
-    "tokenizer.vocab_size=300",
-    "pretrain.max_steps=4",
-    "pretrain.micro_batch_size=4",
-    "pretrain.max_seq_len=64",
-    "pretrain.warmup_steps=1",
-    "pretrain.eval_interval=4",
-    "pretrain.eval_batches=1",
-    "pretrain.checkpoint_interval=0",
-    "pretrain.sample_max_new_tokens=8",
-    "pretrain.exact_match_limit=4",
-    "sft.max_steps=2",
-    "sft.batch_size=8",
-    "sft.eval_limit=4",
-    "sft.max_new_tokens=8",
-    "sft.n_samples=2",
-    "reward.max_steps=2",
-    "reward.batch_size=8",
-    "reward.n_samples=2",
-    "ppo.total_episodes=8",
-    "ppo.batch_size=4",
-    "ppo.num_mini_batches=1",
-    "ppo.num_ppo_epochs=1",
-    "ppo.response_length=8",
-    "ppo.eval_limit=4",
-    "ppo.max_new_tokens=8",
-    "ppo.n_samples=2",
-]
+# configs/smoke.yaml: a few steps per stage. This checks the orchestration and the store, not model quality (the
+# stage tests do that).
+SMOKE = ROOT / "configs" / "smoke.yaml"
 
 # The metrics each stage's issue promises (docs/ARCHITECTURE.md, "key metrics").
 EXPECTED_METRICS = {
@@ -53,13 +26,11 @@ EXPECTED_METRICS = {
     "reward": {"eval/pairwise_accuracy", "eval/reward_margin"},
     "ppo": {"eval/reward_mean", "eval/sft_reward_mean", "eval/kl", "eval/exact_match"},
 }
-MODEL = "tiny-assistant"
+MODEL = "smoke-assistant"
 
 
 def _cli(tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    args = [sys.executable, "-m", "flows.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml")]
-    for s in [*SMALL, f"pipeline.work_dir={tmp / 'work'}"]:
-        args += ["--set", s]
+    args = [sys.executable, "-m", "flows.cli", "run", "--config", str(SMOKE), "--set", f"pipeline.work_dir={tmp / 'work'}"]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
     t0 = time.monotonic()
     r = subprocess.run([*args, *extra], capture_output=True, text=True, cwd=tmp, env=env, timeout=1500)
@@ -72,7 +43,7 @@ def _store(tmp: Path) -> tuple[Any, str]:
     import mlflow
 
     c = mlflow.MlflowClient(f"sqlite:///{tmp / 'work' / 'mlflow.db'}")
-    return c, c.get_experiment_by_name("llm-pipeline-tiny").experiment_id
+    return c, c.get_experiment_by_name("llm-pipeline-smoke").experiment_id
 
 
 def _pipelines(c: Any, exp: str) -> list[Any]:
@@ -122,9 +93,8 @@ def test_tiny_pipeline_end_to_end_then_cached_then_forced(tmp_path: Path) -> Non
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
            "LLM_PIPELINE_WORK_DIR": str(tmp_path / "work")}
     base = [sys.executable, "-m", "flows.cli"]
-    sets = [a for s in [*SMALL, f"pipeline.work_dir={tmp_path / 'work'}"] for a in ("--set", s)]
-    r = subprocess.run([*base, "stage", "sft", "--from-run", p1.info.run_id, "--config",
-                        str(ROOT / "configs" / "tiny.yaml"), *sets],
+    r = subprocess.run([*base, "stage", "sft", "--from-run", p1.info.run_id, "--config", str(SMOKE),
+                        "--set", f"pipeline.work_dir={tmp_path / 'work'}"],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0 and f"reused unchanged run {by_stage['sft'].info.run_id}" in r.stdout, r.stderr[-3000:]
     # the registered model is usable by name

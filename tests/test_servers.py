@@ -15,7 +15,7 @@ import time
 import urllib.request
 
 import pytest
-from browser_utils import TINY, Stack, base_env, cli, free_port, wait_for
+from browser_utils import REGISTERED_MODEL, UI_OVERRIDES, Stack, base_env, cli, free_port, wait_for
 
 from flows import server
 
@@ -26,7 +26,7 @@ CHANGED = ("pretrain", "max_steps", 6)
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     work = root / "pipeline-work"
-    s = Stack(root, overrides=[*TINY, f"pipeline.work_dir={work}", "pipeline.experiment=servers-test"])
+    s = Stack(root, overrides=[*UI_OVERRIDES, f"pipeline.work_dir={work}", "pipeline.experiment=servers-test"])
     try:
         s.start_up()
         s.start_serve()
@@ -171,7 +171,7 @@ def test_pipeline_run_from_the_api_lands_in_mlflow(stack, deployments):
     assert "tokenizer" in top
     assert "hf" in {a.path for a in ml.list_artifacts(stages["pretrain"].info.run_id)}
     assert any(r.data.metrics for r in children)
-    versions = ml.search_model_versions("name='llm-pipeline-assistant'")
+    versions = ml.search_model_versions(f"name='{REGISTERED_MODEL}'")
     assert versions and any(v.run_id == parent.info.run_id or v.tags.get("llm.pipeline_run") == parent.info.run_id
                             for v in versions)  # fmt: skip
 
