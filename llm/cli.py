@@ -83,7 +83,8 @@ def cmd_generate(args: argparse.Namespace, resolve_ref: ResolveRef) -> int:
     shown = ""
     start = time.perf_counter()
     for step in stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id or 0, seed=args.seed):
+                       top_p=args.top_p, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id or 0, seed=args.seed,
+                       compile={"auto": "auto", "on": True, "off": False}[args.compile]):
         t = step[0]
         if t is None or t in tok.stop_ids:
             break
@@ -129,6 +130,9 @@ def register(subparsers: Any, resolve_ref: ResolveRef | None = None) -> None:
     p.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set with this mass")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="static KV cache + torch.compile: auto = on CUDA only; 'on' also pays off on CPU for long "
+                   "answers (tiny model: 2-3x the tokens/s after a few seconds of compiling)")
     p.set_defaults(func=lambda a: cmd_generate(a, resolve))
 
     p = subparsers.add_parser("export", help="export a model to a transformers-native folder")

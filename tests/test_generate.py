@@ -35,6 +35,17 @@ def test_kv_cache_equals_recompute_and_padding_is_invisible(preset: str) -> None
     assert auto == cached
 
 
+@pytest.mark.slow
+def test_compiled_static_cache_on_cpu_gives_the_eager_tokens() -> None:
+    """`compile=True` (static cache of max_seq_len slots + torch.compile) is also usable on CPU (see bench/generate.py)."""
+    model = small("tiny", n_kv_heads=2)
+    eager = generate(model, PROMPTS, max_new_tokens=12)
+    compiled = generate(model, PROMPTS, max_new_tokens=12, compile=True)
+    again = generate(model, PROMPTS[:1], max_new_tokens=5, compile=True)  # other batch and length: new cache shape
+    assert compiled == eager
+    assert again == [eager[0][:5]]
+
+
 def test_greedy_matches_argmax_of_full_forward() -> None:
     model = small("tiny")
     seq = list(PROMPTS[0])
