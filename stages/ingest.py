@@ -117,6 +117,7 @@ class Config(BaseModel):
 # ------------------------------------------------------------------------------------------------------ reading
 
 BATCH = 2048  # documents per batch between the readers and the vectorised cleaning
+ROW_GROUP_READ_MAX = 256 << 20  # read a Parquet row group whole up to this size (uncompressed, all columns)
 
 
 @dataclass
@@ -265,7 +266,7 @@ def _read_parquet(path: Path, field: str, name: str) -> Iterator[Item]:
         raise StageError(f"{name}: column {field!r} has type {ftype}, not a string; point text_field at a text column.")
     row = 0
     try:
-        for rb in pf.iter_batches(batch_size=BATCH, columns=[field]):
+        for rb in _parquet_batches(pf, field):
             col = rb.column(0).cast(pa.string())
             if col.null_count:
                 for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)):
@@ -282,6 +283,16 @@ def _read_parquet(path: Path, field: str, name: str) -> Iterator[Item]:
                 yield Batch(col, name)
     except (OSError, pa.ArrowException) as e:
         yield Bad(f"{name}#{row + 1} ({type(e).__name__}: {e})", "bad_parquet")
+
+
+def _parquet_batches(pf: pq.ParquetFile, field: str) -> Iterator[pa.RecordBatch]:
+    """One column in batches of BATCH rows: a row group at a time when it is small enough (Arrow decodes its pages
+    on several threads, ~1.4x faster than `iter_batches` on 2 cores), else streamed batch by batch."""
+    for i in range(pf.num_row_groups):
+        if pf.metadata.row_group(i).total_byte_size <= ROW_GROUP_READ_MAX:
+            yield from pf.read_row_group(i, columns=[field]).to_batches(max_chunksize=BATCH)
+        else:
+            yield from pf.iter_batches(batch_size=BATCH, columns=[field], row_groups=[i])
 
 
 def _split_invalid_utf8(col: pa.Array) -> tuple[pa.Array, list[int]]:
