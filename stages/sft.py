@@ -267,8 +267,10 @@ def build_trainer(cfg: Config, model: Any, tok: Any, train_rows: list[dict], eva
                   work: Path, max_length: int, prec: dict[str, Any], tracker: Tracker = NullTracker()) -> Any:
     """TRL's SFTTrainer set up from the stage config (LoRA-wrapped when method is lora)."""
     from datasets import Dataset
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    set_seed(cfg.seed)  # SFTTrainer draws the LoRA init before the Trainer seeds anything: runs must repeat
     peft_config = None
     if cfg.method == "lora":
         from peft import LoraConfig

@@ -158,9 +158,10 @@ sft.run(cfg, {{"model": Path({base!r}), "tasks": Path({tasks!r})}}, Path({out!r}
 
 
 @pytest.mark.slow
-def test_kill9_mid_sft_resumes_from_the_last_checkpoint_and_matches(setup, tmp_path):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_kill9_mid_sft_resumes_from_the_last_checkpoint_and_matches(setup, tmp_path, method):
     """Fault 1 (SFT): kill -9 after a Trainer checkpoint; the rerun resumes there, finishes, and ends on the weights
-    an uninterrupted run reaches."""
+    an uninterrupted run reaches (full fine-tuning and LoRA)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -168,7 +169,7 @@ def test_kill9_mid_sft_resumes_from_the_last_checkpoint_and_matches(setup, tmp_p
     root, tasks = setup
     torch.set_num_threads(1)
     kw = dict(max_steps=8, batch_size=4, logging_steps=1, checkpoint_steps=2, eval_limit=2, max_new_tokens=2,
-              learning_rate=1e-2)
+              learning_rate=1e-2, method=method)
     ref = sft.run(sft.Config(**kw), {"model": root / "base", "tasks": tasks}, tmp_path / "ref")
 
     out = tmp_path / "out"
