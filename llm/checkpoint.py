@@ -22,6 +22,18 @@ WEIGHTS, CONFIG, TOKENIZER_DIR = "model.safetensors", "config.json", "tokenizer"
 FORMAT = "llm-pipeline/1"
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder `tmp` to `final` in renames only: an existing `final` is set aside first and removed
+    once the new one is in place, so `final` never holds a half-written folder."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 @contextmanager
 def atomic_output_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temp folder next to `final`; on success it replaces `final` in two renames, so a reader never sees a
@@ -31,13 +43,7 @@ def atomic_output_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

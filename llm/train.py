@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from llm import distributed as D
+from llm.checkpoint import replace_dir
 from llm.optim import build_adamw, lr_at
 
 log = logging.getLogger("llm.train")
@@ -307,12 +308,12 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def clean_partial(root: str | Path) -> list[Path]:
-    """Remove checkpoint folders left half-written by a crash (`.step_N.tmp`, `.step_N.old`)."""
+    """Remove checkpoint folders left half-written by a crash (`.step_N.tmp`, `.step_N.old-*`)."""
     root = Path(root)
     removed = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".step_") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+            if p.name.startswith(".step_") and (p.name.endswith(".tmp") or ".old" in p.name):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     for p in removed:
@@ -458,14 +459,7 @@ class Checkpointer:
                 files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
                 _write_json(tmp / MANIFEST, {"step": loop.step, "files": files})
                 _fsync_dir(tmp)
-                if final.exists():  # re-reaching a step after a resume: replace the old copy only once ours is whole
-                    old = self.root / f".{final.name}.old"
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.replace(final, old)
-                    os.replace(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, final)
+                replace_dir(tmp, final)  # re-reaching a step after a resume replaces the old copy once ours is whole
                 _fsync_dir(self.root)
                 self._prune()
             D.barrier(info)

@@ -168,8 +168,9 @@ def checkpoint_args(every: int) -> dict[str, Any]:
     return {"save_strategy": "steps", "save_steps": every, "save_total_limit": 2, "save_only_model": False}
 
 
-def resume_point(work: Path, fp: str) -> Path | None:
-    """The newest complete Trainer checkpoint an interrupted run of the same stage inputs left in `work`.
+def resume_point(work: Path, fp: str) -> tuple[int, Path] | None:
+    """(step, folder) of the newest complete Trainer checkpoint an interrupted run of the same stage inputs left in
+    `work`.
 
     The Trainer writes `trainer_state.json` last, so a checkpoint without a readable one was cut off mid-write: it
     is removed. A work folder from a run with other inputs or config (another fingerprint) is discarded whole.
@@ -189,7 +190,7 @@ def resume_point(work: Path, fp: str) -> Path | None:
             shutil.rmtree(ck, ignore_errors=True)
             continue
         complete.append((step, ck))
-    return max(complete)[1] if complete else None
+    return max(complete) if complete else None
 
 
 def merge_lora(model: Any) -> Any:
@@ -342,13 +343,13 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     before_metrics, before_rows = exact_match(model, tok, heldout, **gen_kw) if heldout else ({}, [])
 
     work = out_dir / ".trainer"
-    resume = resume_point(work, fp)
+    resumed_step, resume = resume_point(work, fp) or (0, None)
     trainer = build_trainer(cfg, model, tok, train_rows, eval_rows, work, max_length, prec, tracker)
     if resume is not None:
         log.info("sft: resuming from %s", resume)
     train_out = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     metrics: dict[str, float] = {"train/loss_final": float(train_out.training_loss),
-                                 "train/resumed_from_step": float(resume.name.split("-")[1]) if resume else 0.0}
+                                 "train/resumed_from_step": float(resumed_step)}
     if eval_rows:
         ev = trainer.evaluate()
         metrics["eval/loss"] = float(ev["eval_loss"])

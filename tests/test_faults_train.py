@@ -37,13 +37,7 @@ ROOT = HERE.parent.parent
 KILL_CFG = dict(max_steps=30, checkpoint_interval=5, keep_last=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Models this small run fastest on one thread; more threads only spin against each other on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: tiny models run fastest on one thread
 
 
 # ---- the worker a subprocess runs (python tests/test_faults_train.py DIR [--hang-in-ckpt STEP]) ---------------

@@ -19,13 +19,7 @@ from stages.common import ListTracker, StageError
 SMALL_MODEL = {"n_layer": 1, "n_embd": 32, "n_heads": 2, "n_kv_heads": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Models this small run fastest on one thread; more threads only spin against each other on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

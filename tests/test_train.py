@@ -27,13 +27,7 @@ from llm.train import (
 VOCAB, SEQ = 48, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Models this small run fastest on one thread; more threads only spin against each other on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: tiny models run fastest on one thread
 
 
 # ---- small shared pieces (imported by the other training test files) -------------------------------------------
