@@ -7,9 +7,6 @@ from torch import nn
 
 from llm.config import ModelConfig
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), used when the caller doesn't pass one.
-PEAK_TFLOPS_BF16: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
-
 
 def num_params(model: nn.Module, non_embedding: bool = False) -> int:
     """Unique parameters (tied weights counted once). non_embedding drops token/position embeddings, the usual
@@ -59,11 +56,3 @@ def flops_per_token(model_or_cfg: nn.Module | ModelConfig, seq_len: int | None =
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
     """Fraction of the hardware peak (FLOP/s, e.g. 989e12 for an H100 in bf16) used by training."""
     return tokens_per_s * flops_per_tok / peak_flops
-
-
-def peak_flops_for(device_name: str) -> float | None:
-    """Peak bf16 FLOP/s for a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None if unknown."""
-    for key, tflops in PEAK_TFLOPS_BF16.items():
-        if key in device_name:
-            return tflops * 1e12
-    return None
