@@ -8,6 +8,8 @@ Public API:
   generate(model, tokenizer, prompts, ...) -> list[Generation]   (prompts are message lists)
   reward_scores(reward_model, tokenizer, sequences, ...) -> list[float]
       `sequences` are token-id lists, or (prompt messages, response text) pairs rendered by the chat template.
+  scored_sequences(tokenizer, generations) -> token-id lists for reward_scores, each finished answer ending in the
+      template's end-of-turn tail as in the reward model's training data.
   sequence_kl(policy, reference, generations, ...) -> list[float]   exact per-token KL summed over each response.
 
 Generation is batched with left padding (prompts sorted by length so batches pad little) and uses the KV cache.
@@ -221,6 +223,29 @@ def render_conversation(tokenizer: Any, prompt: list[Message], response: str | l
     resp = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
     out = tokenizer.apply_chat_template(prompt + resp, tokenize=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def turn_tail_ids(tokenizer: Any) -> list[int]:
+    """The tokens the chat template writes after an assistant message's content (here `<|end|><|eos|>`).
+
+    Found by rendering a probe conversation; falls back to [eos] for a template it cannot split.
+    """
+    probe = [{"role": "user", "content": "q"}]
+    head = encode_prompts(tokenizer, [probe])[0]
+    full = render_conversation(tokenizer, probe, "a")
+    content = list(tokenizer.encode("a", add_special_tokens=False))
+    if full[: len(head)] == head and full[len(head) : len(head) + len(content)] == content:
+        return full[len(head) + len(content) :]
+    return [tokenizer.eos_token_id]
+
+
+def scored_sequences(tokenizer: Any, generations: Sequence[Generation]) -> list[list[int]]:
+    """Prompt + response ids as a reward model should see them: a finished answer gets the chat template's whole
+    end-of-turn tail (generation stops at the first stop token, `<|end|>`, but the reward model was trained on
+    template-rendered pairs that end in `<|end|><|eos|>`, and it reads the last token). Unfinished answers are
+    left as they are."""
+    tail = turn_tail_ids(tokenizer)
+    return [g.prompt_ids + (g.response_ids[:-1] + tail if g.stopped else g.response_ids) for g in generations]
 
 
 @torch.no_grad()

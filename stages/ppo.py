@@ -6,6 +6,7 @@ outputs: hf (the aligned policy, transformers-native, with tokenizer + chat temp
 metrics (held-out prompts, greedy answers):
   eval/reward_mean      mean reward-model score of the aligned policy's answers
   eval/sft_reward_mean  the same for the SFT policy (same prompts, same reward model)
+  eval/reward_gain      mean per-prompt difference of the two, with its standard error eval/reward_gain_se
   eval/kl               sum over answer tokens of KL(policy || SFT reference), averaged over prompts
   eval/exact_match      program-checked answers of the aligned policy (eval/sft_exact_match: of the SFT policy)
   train/*               TRL's per-update metrics (objective/kl, objective/scores, loss/policy_avg, ...)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any, Literal
 
@@ -254,6 +256,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
         load_heldout,
         load_tokenizer,
         reward_scores,
+        scored_sequences,
         sequence_kl,
     )
 
@@ -319,12 +322,16 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
         eval_prompts = [it["prompt"] for it in heldout]
         after = generate(policy, tok, eval_prompts, progress=True, **gen_kw)
         before = generate(ref, tok, eval_prompts, progress=True, **gen_kw)
-        r_after = reward_scores(reward, tok, [g.prompt_ids + g.response_ids for g in after], batch_size=cfg.eval_batch_size)
-        r_before = reward_scores(reward, tok, [g.prompt_ids + g.response_ids for g in before],
-                                 batch_size=cfg.eval_batch_size)
+        r_after = reward_scores(reward, tok, scored_sequences(tok, after), batch_size=cfg.eval_batch_size)
+        r_before = reward_scores(reward, tok, scored_sequences(tok, before), batch_size=cfg.eval_batch_size)
         kls = sequence_kl(policy, ref, after, tok.pad_token_id, batch_size=cfg.eval_batch_size)
         metrics["eval/reward_mean"] = sum(r_after) / len(r_after)
         metrics["eval/sft_reward_mean"] = sum(r_before) / len(r_before)
+        # paired over the same prompts: the gain and its standard error say whether the difference is real
+        diffs = [a - b for a, b in zip(r_after, r_before, strict=True)]
+        metrics["eval/reward_gain"] = sum(diffs) / len(diffs)
+        if len(diffs) > 1:
+            metrics["eval/reward_gain_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
         metrics["eval/kl"] = sum(kls) / len(kls)
         metrics["eval/eos_rate"] = sum(g.stopped for g in after) / len(after)
         if all(it.get("answer") is not None for it in heldout):

@@ -18,6 +18,7 @@ from stages.evaluate import (
     load_causal_lm,
     load_heldout,
     reward_scores,
+    scored_sequences,
     sequence_kl,
 )
 
@@ -89,6 +90,24 @@ def test_reward_scores_are_padding_invariant_and_read_the_last_token(setup):
     with torch.no_grad():
         manual = rm(input_ids=torch.tensor([ids])).logits[0, 0].item()
     assert batched[0] == pytest.approx(manual, abs=1e-5)
+
+
+def test_generated_answers_are_scored_like_the_reward_models_training_pairs(setup):
+    """Generation stops at <|end|>; the reward model was trained on template renderings ending <|end|><|eos|> and
+    reads the last token, so a finished answer must be scored on exactly that rendering."""
+    root, tasks = setup
+    _, tok = load_causal_lm(root / "base", "cpu")
+    prompt = load_heldout(tasks)[0]["prompt"]
+    head = _ids(tok, prompt, add_generation_prompt=True)
+    answer = list(tok.encode("seven", add_special_tokens=False))
+    end = tok.convert_tokens_to_ids("<|end|>")
+    rendered = _ids(tok, prompt + [{"role": "assistant", "content": "seven"}])
+    finished = [Generation(head, answer + [end], "seven", stopped=True),
+                Generation(head, answer + [tok.eos_token_id], "seven", stopped=True)]
+    assert scored_sequences(tok, finished) == [rendered, rendered]
+    assert rendered[-2:] == [end, tok.eos_token_id]
+    cut_off = Generation(head, answer, "seven", stopped=False)  # hit max_new_tokens: nothing is invented for it
+    assert scored_sequences(tok, [cut_off]) == [head + answer]
 
 
 def test_sequence_kl_zero_for_same_model_positive_otherwise(setup):

@@ -50,6 +50,8 @@ def test_ppo_updates_the_policy_and_reports_eval_metrics(setup, tmp_path):
     for key in ("eval/reward_mean", "eval/sft_reward_mean", "eval/kl", "eval/exact_match", "eval/sft_exact_match"):
         assert key in m, key
     assert m["eval/kl"] > 0, "the policy moved away from the reference"
+    assert m["eval/reward_gain"] == pytest.approx(m["eval/reward_mean"] - m["eval/sft_reward_mean"], abs=1e-6)
+    assert m["eval/reward_gain_se"] >= 0
     assert len(tracker.series("train/objective/kl")) == 2  # two PPO updates (16 episodes / 8 per batch)
     before, after = _weights(root / "sft"), _weights(res.outputs["hf"])
     assert any(not torch.equal(before[k], after[k]) for k in before)
