@@ -30,6 +30,7 @@ from llm.config import get_config  # noqa: E402
 from llm.generate import generate  # noqa: E402
 from llm.hf import export_hf  # noqa: E402
 from llm.model import build_model  # noqa: E402
+from llm.utils import on_off_auto  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     preset = args.preset or ("tiny" if args.quick else "gpt2-124m")
     dtype = torch.bfloat16 if cuda else torch.float32
     repeats = args.repeats or (2 if args.quick else 3)
-    compile_flag = {"auto": "auto", "on": True, "off": False}[args.compile]
+    compile_flag = on_off_auto(args.compile)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
 

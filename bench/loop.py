@@ -27,6 +27,7 @@ from bench.common import add_common_args, device_name, emit, pick_device  # noqa
 from llm.config import get_config  # noqa: E402
 from llm.model import build_model  # noqa: E402
 from llm.train import TrainConfig, train  # noqa: E402
+from llm.utils import on_off_auto  # noqa: E402
 
 
 class FixedBatches:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = FixedBatches(cfg.vocab_size, batch, seq, n=4)
     tc = TrainConfig(max_steps=steps, micro_batch_size=batch, seq_len=seq, lr=1e-3, warmup_steps=5,
                      eval_interval=0, checkpoint_interval=0, device=str(device), progress=False,
-                     compile={"auto": "auto", "on": True, "off": False}[args.compile])
+                     compile=on_off_auto(args.compile))
     rows: list[dict[str, float]] = []
     t0 = time.perf_counter()
     res = train(model, tc, data, on_step=lambda step, m: rows.append(m))

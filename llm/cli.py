@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from llm.checkpoint import TOKENIZER_DIR, load_any
+from llm.utils import on_off_auto
 
 ResolveRef = Callable[[str], Path]
 
@@ -84,7 +85,7 @@ def cmd_generate(args: argparse.Namespace, resolve_ref: ResolveRef) -> int:
     start = time.perf_counter()
     for step in stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id or 0, seed=args.seed,
-                       compile={"auto": "auto", "on": True, "off": False}[args.compile]):
+                       compile=on_off_auto(args.compile)):
         t = step[0]
         if t is None or t in tok.stop_ids:
             break

@@ -56,3 +56,12 @@ def flops_per_token(model_or_cfg: nn.Module | ModelConfig, seq_len: int | None =
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
     """Fraction of the hardware peak (FLOP/s, e.g. 989e12 for an H100 in bf16) used by training."""
     return tokens_per_s * flops_per_tok / peak_flops
+
+
+def on_off_auto(value: str) -> bool | str:
+    """The "on" / "off" / "auto" spelling of configs and command lines as the llm API's flags take it (compile,
+    fused_loss): True, False or "auto"."""
+    flags = {"on": True, "off": False, "auto": "auto"}
+    if value not in flags:
+        raise ValueError(f"expected 'on', 'off' or 'auto', got {value!r}")
+    return flags[value]

@@ -154,6 +154,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     from llm import train as T
     from llm.data import DataError, PretrainLoader, data_fingerprint, eval_batches, read_manifest
     from llm.tokenizer import Tokenizer
+    from llm.utils import on_off_auto
 
     out_dir = Path(out_dir)
     tok_dir = require_path(inputs.get("tokenizer", ""), "input `tokenizer` (tokenizer folder)")
@@ -191,8 +192,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
             grad_clip=cfg.grad_clip, eval_interval=cfg.eval_interval, eval_batches=cfg.eval_batches,
             checkpoint_interval=cfg.checkpoint_interval, keep_last=cfg.keep_checkpoints,
             max_bad_steps=cfg.max_bad_steps, device=cfg.device, precision=cfg.precision,
-            compile={"auto": "auto", "on": True, "off": False}[cfg.compile], parallel=cfg.parallel, seed=cfg.seed,
-            fused_loss={"auto": "auto", "on": True, "off": False}[cfg.fused_loss],
+            compile=on_off_auto(cfg.compile), parallel=cfg.parallel, seed=cfg.seed,
+            fused_loss=on_off_auto(cfg.fused_loss),
         )
         device = T.resolve_device(cfg.device)
         info = D.init_distributed(device.type)
