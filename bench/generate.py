@@ -26,7 +26,7 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import add_common_args, device_name, emit, interleaved, pick_device, sync  # noqa: E402
-from llm.config import get_config  # noqa: E402
+from llm.config import PRESETS, get_config  # noqa: E402
 from llm.generate import generate  # noqa: E402
 from llm.hf import export_hf  # noqa: E402
 from llm.model import build_model  # noqa: E402
@@ -36,7 +36,8 @@ from llm.utils import on_off_auto  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--preset", default=None, help="model preset (default: tiny with --quick, else gpt2-124m)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="model preset (default: tiny with --quick, else gpt2-124m)")
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt length in tokens")

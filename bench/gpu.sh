@@ -4,6 +4,10 @@
 #   OUT=/tmp/gpu bash bench/gpu.sh
 set -u
 OUT=${OUT:-bench/results/gpu}
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "bench/gpu.sh: no CUDA GPU visible to torch here; run it on a GPU machine (the CPU benches take --quick)" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.}
 export PYTHONUNBUFFERED=1

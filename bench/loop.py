@@ -24,7 +24,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import add_common_args, device_name, emit, pick_device  # noqa: E402
-from llm.config import get_config  # noqa: E402
+from llm.config import PRESETS, get_config  # noqa: E402
 from llm.model import build_model  # noqa: E402
 from llm.train import TrainConfig, train  # noqa: E402
 from llm.utils import on_off_auto  # noqa: E402
@@ -50,7 +50,8 @@ class FixedBatches:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--preset", default=None, help="model preset (default tiny on CPU, gpt2-124m on CUDA)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="model preset (default tiny on CPU, gpt2-124m on CUDA)")
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)

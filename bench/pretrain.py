@@ -31,7 +31,7 @@ from collections.abc import Callable  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import add_common_args, device_name, emit, interleaved, pick_device, sync  # noqa: E402
-from llm.config import get_config  # noqa: E402
+from llm.config import PRESETS, get_config  # noqa: E402
 from llm.hf import export_hf  # noqa: E402
 from llm.model import build_model  # noqa: E402
 from llm.optim import build_adamw  # noqa: E402
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     presets = (args.presets or ("gpt2-124m,llama-124m" if cuda and not args.quick else "tiny,tiny-gpt2")).split(",")
+    if unknown := [p for p in presets if p not in PRESETS]:
+        parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(sorted(PRESETS))}")
     args.seq = args.seq or (1024 if cuda and not args.quick else 128)
     args.batch = args.batch or (16 if cuda and not args.quick else 8)
     args.repeats = args.repeats or (10 if cuda else 5)
