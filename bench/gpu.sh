@@ -18,12 +18,16 @@ step() {  # step NAME SECONDS CMD...
   echo "   rc=$? $(tail -c 600 "$OUT/$name.txt" | tail -n 2 | head -c 400)" | tee -a "$OUT/log.txt"
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  python -c "import torch, transformers, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-step pretrain        ${T_PRETRAIN:-300} python bench/pretrain.py --device cuda --json
-step loop            ${T_LOOP:-70}      python bench/loop.py --device cuda --json
-step pretrain_nofuse ${T_NOFUSE:-80}   python bench/pretrain.py --device cuda --json --presets gpt2-124m --compile on --fused-loss off
+# fresh machine: each step compiles first (about 25 s per model and side), so the limits include that
+step pretrain_gpt2   ${T_GPT2:-150}    python bench/pretrain.py --device cuda --json --presets gpt2-124m --compile on
+step pretrain_b32a4  ${T_B32A4:-150}   python bench/pretrain.py --device cuda --json --presets gpt2-124m --compile on --batch 32 --accum 4 --repeats 5
+step pretrain_llama  ${T_LLAMA:-150}   python bench/pretrain.py --device cuda --json --presets llama-124m --compile on
+step profile         ${T_PROFILE:-70}  python bench/profile.py --device cuda --json --top 25
+step loop            ${T_LOOP:-70}     python bench/loop.py --device cuda --json
 step generate        ${T_GENERATE:-80} python bench/generate.py --device cuda --json
-step pretrain_b32    ${T_B32:-60}      python bench/pretrain.py --device cuda --json --presets gpt2-124m --compile on --batch 32
+step pretrain_eager  ${T_EAGER:-90}    python bench/pretrain.py --device cuda --json --compile off
+step profile_nokern  ${T_NOKERN:-70}   python bench/profile.py --device cuda --json --ce-kernel off --top 25
 echo "== done $(date +%T)" | tee -a "$OUT/log.txt"

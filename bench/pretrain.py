@@ -36,18 +36,20 @@ from llm.hf import export_hf  # noqa: E402
 from llm.model import build_model  # noqa: E402
 from llm.optim import build_adamw  # noqa: E402
 from llm.train import FusedLossLM, autocast_for, peak_flops  # noqa: E402
-from llm.utils import flops_per_token  # noqa: E402
+from llm.utils import flops_per_token, on_off_auto  # noqa: E402
 
 
 def make_step(loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module, opt: torch.optim.Optimizer,
-              amp: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], float]:
-    """One training step exactly as llm.train runs it (autocast forward, backward, clip, fused AdamW)."""
+              amp: Callable[[], contextlib.AbstractContextManager], accum: int = 1) -> Callable[[], float]:
+    """One training step exactly as llm.train runs it (autocast forward and backward of `accum` micro-batches,
+    clip, fused AdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> float:
-        with amp():
-            loss = loss_fn()
-        loss.backward()
+        for _ in range(accum):
+            with amp():
+                loss = loss_fn()
+            (loss / accum if accum > 1 else loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -67,7 +69,8 @@ def peak_memory(step: Callable[[], float], device: torch.device) -> float | None
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def build_pair(preset: str, device: torch.device, compile_: bool, fused: bool, vocab: int | None, seq: int):
+def build_pair(preset: str, device: torch.device, compile_: bool, fused: bool, vocab: int | None, seq: int,
+               ce_kernel: bool | str = "auto"):
     """(ours, transformers) models with identical weights, each with its own fused AdamW."""
     from transformers import AutoModelForCausalLM
 
@@ -86,7 +89,7 @@ def build_pair(preset: str, device: torch.device, compile_: bool, fused: bool, v
     # the same optimizer on both sides: fused AdamW (one kernel over all parameters; CPU has one too)
     opt_ours = build_adamw(ours, 3e-4, 0.1, fused=True)
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
-    trained = FusedLossLM(ours) if fused else ours
+    trained = FusedLossLM(ours, kernel=ce_kernel) if fused else ours
     run_ours, run_hf = trained, hf
     if compile_:
         run_ours, run_hf = torch.compile(trained), torch.compile(hf)
@@ -98,7 +101,7 @@ def bench_family(preset: str, device: torch.device, args, compile_: bool) -> dic
     seq, batch = args.seq, args.batch
     fused = args.fused_loss == "on" or (args.fused_loss == "auto" and cuda)
     cfg, (ours, run_ours, opt_ours), (hf, run_hf, opt_hf) = build_pair(preset, device, compile_, fused, args.vocab,
-                                                                       seq)
+                                                                       seq, on_off_auto(args.ce_kernel))
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(device)
     inp, tgt = x[:, :-1], x[:, 1:]
@@ -106,10 +109,12 @@ def bench_family(preset: str, device: torch.device, args, compile_: bool) -> dic
     def amp():
         return autocast_for(device, "auto")
 
+    accum = args.accum
     steps = {
-        "ours": make_step(lambda: run_ours(inp, tgt)[1], ours, opt_ours, amp),
+        "ours": make_step(lambda: run_ours(inp, tgt)[1], ours, opt_ours, amp, accum),
         # labels are shifted inside transformers; the token count per step is the same within one position
-        "transformers": make_step(lambda: run_hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss, hf, opt_hf, amp),
+        "transformers": make_step(lambda: run_hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss, hf, opt_hf, amp,
+                                  accum),
     }
     t0 = time.perf_counter()
     for _ in range(args.warmup):  # compile, autotune, allocator warm-up
@@ -119,10 +124,10 @@ def bench_family(preset: str, device: torch.device, args, compile_: bool) -> dic
     warm_s = time.perf_counter() - t0
     mem = {k: peak_memory(fn, device) for k, fn in steps.items()}
     secs = interleaved(steps, device, args.repeats)
-    tokens = batch * seq
+    tokens = batch * seq * accum
     fpt = flops_per_token(cfg, seq)
     peak = peak_flops(device)
-    out = {"preset": preset, "compiled": compile_, "fused_loss": fused, "seq": seq, "batch": batch,
+    out = {"preset": preset, "compiled": compile_, "fused_loss": fused, "seq": seq, "batch": batch, "accum": accum,
            "warmup_s": round(warm_s, 1)}
     for k, s in secs.items():
         out[k] = {"ms_per_step": s * 1000, "tokens_per_s": tokens / s, "peak_mem_gib": mem[k],
@@ -141,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "with --quick or on CPU, gpt2-124m,llama-124m on CUDA)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 128 on CPU, 1024 on CUDA)")
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (default 8 on CPU, 16 on CUDA)")
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient "
+                        "accumulation, both sides; GPT-2's 0.5M-token steps are 32 micro-batches of 16 x 1024)")
     parser.add_argument("--vocab", type=int, default=None, help="override the presets' vocabulary size")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per side (median is reported)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per side first")
@@ -148,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch.compile both sides (auto: both eager and compiled on CUDA, eager on CPU)")
     parser.add_argument("--fused-loss", default="auto", choices=("auto", "on", "off"),
                         help="our chunked LM head + cross-entropy (auto: on CUDA)")
+    parser.add_argument("--ce-kernel", default="auto", choices=("auto", "on", "off"),
+                        help="fused loss: llm.kernels' Triton softmax-gradient kernel (auto: CUDA with Triton)")
     args = parser.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
@@ -188,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "seq": args.seq,
         "batch": args.batch,
+        "accum": args.accum,
         "precision": "bf16 autocast" if cuda else "fp32",
         "runs": runs,
         "ratio": min(r["ratio"] for r in head),

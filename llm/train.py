@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from llm import distributed as D
+from llm import kernels as K
 from llm.checkpoint import replace_dir
 from llm.optim import build_adamw, lr_at
 
@@ -120,6 +121,7 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: "ddp" (replicate) or "fsdp" (FSDP2, shard per block)
     fused_loss: str | bool = "auto"  # chunked LM head + cross-entropy that never holds all logits: "auto" (CUDA)
     loss_chunk_tokens: int = 4096  # tokens per chunk of the fused loss
+    loss_kernel: str | bool = "auto"  # fused loss's softmax gradient in llm.kernels' Triton kernel: "auto" (CUDA)
     seed: int = 1337
     log_interval: int = 1  # call on_step every N steps
     progress: bool = True  # tqdm bar on rank 0
@@ -144,6 +146,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.fused_loss not in ("auto", True, False):
             raise ValueError(f"TrainConfig.fused_loss must be 'auto', true or false, got {self.fused_loss!r}")
+        if self.loss_kernel not in ("auto", True, False):
+            raise ValueError(f"TrainConfig.loss_kernel must be 'auto', true or false, got {self.loss_kernel!r}")
         if self.compile not in ("auto", True, False):
             raise ValueError(f"TrainConfig.compile must be 'auto', true or false, got {self.compile!r}")
 
@@ -584,29 +588,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, chunk: int):
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, chunk: int,
+                kernel: bool):
         dev = h.device.type
         # matmuls in the autocast dtype when autocast is on (bf16 on CUDA), else in h's dtype; softmax in fp32
         cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         valid = targets != -100
         n_valid = valid.sum().clamp(min=1).float()
+        scale = valid.float() / n_valid  # each valid token's share of the mean
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(dev, enabled=False):
             wc = w.to(cd)
             for s in range(0, h.shape[0], chunk):
-                hc, tc, vc = h[s : s + chunk].to(cd), targets[s : s + chunk], valid[s : s + chunk]
-                logits = (hc @ wc.t()).float()  # (n, V_padded)
-                if w.shape[0] > vocab:
-                    logits[:, vocab:] = float("-inf")
-                lse = torch.logsumexp(logits, dim=-1)
-                tgt = tc.clamp(min=0)
-                total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * vc).sum()
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
-                g *= (vc.float() / n_valid)[:, None]
-                g = g.to(cd)
+                hc, tc, sc = h[s : s + chunk].to(cd), targets[s : s + chunk], scale[s : s + chunk]
+                if kernel:  # Triton: two passes over the logits in their own dtype, no float32 copy
+                    g, row_loss = K.ce_grad(hc @ wc.t(), tc, sc, vocab)
+                    total += row_loss.sum()
+                else:
+                    logits = (hc @ wc.t()).float()  # (n, V_padded)
+                    if w.shape[0] > vocab:
+                        logits[:, vocab:] = float("-inf")
+                    lse = torch.logsumexp(logits, dim=-1)
+                    tgt = tc.clamp(min=0)
+                    total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * (tc != -100)).sum()
+                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                    g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
+                    g = g.mul_(sc[:, None]).to(cd)
                 grad_h[s : s + chunk] = g @ wc
                 grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
@@ -616,17 +625,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, (grad_w * grad_out).to(ctx.w_dtype), None, None, None
+        return grad_h * grad_out, (grad_w * grad_out).to(ctx.w_dtype), None, None, None, None
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int | None = None, chunk: int = 4096
+    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int | None = None, chunk: int = 4096,
+    kernel: bool | str = "auto",
 ) -> torch.Tensor:
     """cross_entropy((h @ w.T)[:, :vocab], targets, ignore_index=-100) without materialising all logits.
 
     h (N, C), w (V_padded, C), targets (N,). Same value and gradients as the plain path (up to rounding).
+    kernel: the softmax gradient through llm.kernels' Triton kernel ("auto": where it can run, i.e. CUDA with
+    Triton installed) or plain torch ops (False).
     """
-    return _LinearCrossEntropy.apply(h, w, targets, vocab or w.shape[0], chunk)
+    use = K.available(h) if kernel == "auto" else bool(kernel)
+    return _LinearCrossEntropy.apply(h, w, targets, vocab or w.shape[0], chunk, use)
 
 
 class FusedLossLM(nn.Module):
@@ -636,14 +649,15 @@ class FusedLossLM(nn.Module):
     names.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 4096):
+    def __init__(self, model: nn.Module, chunk: int = 4096, kernel: bool | str = "auto"):
         super().__init__()
-        self.model, self.chunk = model, chunk
+        self.model, self.chunk, self.kernel = model, chunk, kernel
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor):
         h = self.model.hidden_states(idx)
         w = self.model.lm_head.weight
-        loss = linear_cross_entropy(h.flatten(0, 1), w, targets.flatten(), self.model.config.vocab_size, self.chunk)
+        loss = linear_cross_entropy(h.flatten(0, 1), w, targets.flatten(), self.model.config.vocab_size, self.chunk,
+                                    self.kernel)
         return None, loss
 
 
@@ -777,7 +791,7 @@ def train(
     # FSDP2 gathers parameters in the root module's forward, which the fused loss would bypass
     fused = cfg.fused_loss is True or (cfg.fused_loss == "auto" and device.type == "cuda")
     fused = fused and supports_fused_loss(raw_model) and not (info.enabled and cfg.parallel == "fsdp")
-    trained = FusedLossLM(raw_model, cfg.loss_chunk_tokens) if fused else raw_model
+    trained = FusedLossLM(raw_model, cfg.loss_chunk_tokens, cfg.loss_kernel) if fused else raw_model
     # data parallel wrapping before the optimizer, so FSDP2's sharded parameters are what AdamW updates
     model_dp = D.wrap_model(trained, info, cfg.parallel, device)
     optimizer = build_adamw(

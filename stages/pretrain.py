@@ -83,6 +83,9 @@ class Config(BaseModel):
     fused_loss: Literal["auto", "on", "off"] = Field("auto", description="Chunked LM head + cross-entropy that "
                                                      "never holds all logits (less memory, faster with big "
                                                      "vocabularies): auto = on for CUDA.")
+    loss_kernel: Literal["auto", "on", "off"] = Field("auto", description="The fused loss's softmax gradient in "
+                                                      "one Triton kernel (llm/kernels.py) instead of torch ops: "
+                                                      "auto = on where Triton runs (CUDA).")
     sample_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Plain-text "
                                       "prompts continued by the model at each evaluation.")
     sample_max_new_tokens: int = Field(24, ge=1, description="Tokens generated per sample prompt.")
@@ -193,7 +196,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
             checkpoint_interval=cfg.checkpoint_interval, keep_last=cfg.keep_checkpoints,
             max_bad_steps=cfg.max_bad_steps, device=cfg.device, precision=cfg.precision,
             compile=on_off_auto(cfg.compile), parallel=cfg.parallel, seed=cfg.seed,
-            fused_loss=on_off_auto(cfg.fused_loss),
+            fused_loss=on_off_auto(cfg.fused_loss), loss_kernel=on_off_auto(cfg.loss_kernel),
         )
         device = T.resolve_device(cfg.device)
         info = D.init_distributed(device.type)
