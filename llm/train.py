@@ -639,6 +639,9 @@ def linear_cross_entropy(
     Triton installed) or plain torch ops (False).
     """
     use = K.available(h) if kernel == "auto" else bool(kernel)
+    if use and not K.available(h):
+        raise ValueError(f"the fused loss's Triton kernel (loss_kernel / kernel=True) cannot run on {h.device}: it "
+                         "needs a CUDA tensor and Triton installed; use loss_kernel 'auto' or 'off'")
     return _LinearCrossEntropy.apply(h, w, targets, vocab or w.shape[0], chunk, use)
 
 

@@ -131,3 +131,13 @@ def test_loss_kernel_setting_is_checked():
 
     with pytest.raises(ValueError, match="loss_kernel"):
         TrainConfig(loss_kernel="yes")
+
+
+def test_forcing_the_kernel_where_it_cannot_run_is_a_clear_error():
+    import torch
+
+    from llm.train import linear_cross_entropy
+
+    h, w, t = torch.randn(4, 8), torch.randn(16, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="loss_kernel 'auto' or 'off'"):
+        linear_cross_entropy(h, w, t, kernel=True)  # CPU tensors, no TRITON_INTERPRET in this process
