@@ -68,6 +68,24 @@ def kernel_times(prof, on_cuda: bool) -> dict[str, tuple[int, float]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
+def idle_gaps(kernels: list[tuple[float, float, str]], min_us: float = 20.0) -> tuple[float, list[tuple]]:
+    """(total idle µs, gaps) between device kernels given as (start µs, end µs, name), overlaps merged; each gap
+    is (µs, kernel before, kernel after), longest first, gaps under `min_us` left out of the list (not the total)."""
+    gaps, idle = [], 0.0
+    ks = sorted(kernels)
+    if not ks:
+        return 0.0, []
+    end, last = ks[0][1], ks[0][2]
+    for start, stop, name in ks[1:]:
+        if start > end:
+            idle += start - end
+            if start - end >= min_us:
+                gaps.append((start - end, last, name))
+        if stop >= end:
+            end, last = stop, name
+    return idle, sorted(gaps, reverse=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
@@ -88,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotune)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler")
     parser.add_argument("--top", type=int, default=15, help="kernels listed")
+    parser.add_argument("--trace", default=None, help="also write the profile as a Chrome trace (JSON) to this file")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
@@ -137,6 +156,13 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.profile_steps):
             step()
         sync(device)
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    gaps: list[tuple] = []
+    if cuda:
+        spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        idle_us, gaps = idle_gaps(spans)
     per_step = {k: (n / args.profile_steps, us / args.profile_steps / 1000) for k, (n, us) in
                 kernel_times(prof, cuda).items()}
     busy_ms = sum(ms for _, ms in per_step.values())
@@ -154,13 +180,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{what}: {busy_ms:.1f} ms per step = {busy_ms / step_ms:.0%} of the step")
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<18} {ms:8.2f} ms  {ms / step_ms:6.1%}")
+    if gaps:
+        print(f"GPU idle between kernels: {idle_us / args.profile_steps / 1000:.2f} ms per step; longest gaps:")
+        for us, before, after in gaps[:8]:
+            print(f"  {us / 1000:6.2f} ms after {before[:60]}  before {after[:60]}")
     print(f"top {args.top} {what} (calls and ms per step):")
     for name, (n, ms) in sorted(per_step.items(), key=lambda kv: -kv[1][1])[: args.top]:
         print(f"  {ms:8.2f} ms {n:6.0f}x  {kind_of(name):<16} {name[:110]}")
     result = {"bench": "profile", "device": device_name(device), "torch": torch.__version__, "preset": preset,
               "seq": seq, "batch": batch, "accum": args.accum, "compiled": compiled, "ce_kernel": uses_kernel, "mode": args.mode, "fused_loss": fused,
               "chunk": chunk, "tokens_per_s": tps, "step_ms": step_ms, "mfu": mfu, "peak_mem_gib": peak_mem,
-              "busy_ms": busy_ms, "by_kind_ms": dict(by_kind), "warmup_s": round(warm_s, 1)}
+              "busy_ms": busy_ms, "by_kind_ms": dict(by_kind),
+              "gaps_ms": [[round(us / 1000, 3), b, a] for us, b, a in gaps[:8]], "warmup_s": round(warm_s, 1)}
     emit(result, args.json)
     return result
 
