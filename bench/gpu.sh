@@ -22,6 +22,7 @@ step() {  # step NAME SECONDS CMD...
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 # fresh machine: each step compiles first (about 25 s per model and side), so the limits include that
+step kernels         ${T_KERNELS:-60}  python bench/kernels.py --device cuda --json
 step pretrain_gpt2   ${T_GPT2:-150}    python bench/pretrain.py --device cuda --json --presets gpt2-124m --compile on
 step pretrain_b32a4  ${T_B32A4:-150}   python bench/pretrain.py --device cuda --json --presets gpt2-124m --compile on --batch 32 --accum 4 --repeats 5
 step pretrain_llama  ${T_LLAMA:-150}   python bench/pretrain.py --device cuda --json --presets llama-124m --compile on
