@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.trace:
         prof.export_chrome_trace(args.trace)
     gaps: list[tuple] = []
+    idle_us = 0.0
     if cuda:
         spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                  if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
               "seq": seq, "batch": batch, "accum": args.accum, "compiled": compiled, "ce_kernel": uses_kernel, "mode": args.mode, "fused_loss": fused,
               "chunk": chunk, "tokens_per_s": tps, "step_ms": step_ms, "mfu": mfu, "peak_mem_gib": peak_mem,
               "busy_ms": busy_ms, "by_kind_ms": dict(by_kind),
+              "idle_ms": idle_us / args.profile_steps / 1000 if cuda else None,
               "gaps_ms": [[round(us / 1000, 3), b, a] for us, b, a in gaps[:8]], "warmup_s": round(warm_s, 1)}
     emit(result, args.json)
     return result
