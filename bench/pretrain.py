@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     presets = (args.presets or ("gpt2-124m,llama-124m" if cuda and not args.quick else "tiny,tiny-gpt2")).split(",")
+    if args.accum < 1:
+        parser.error("--accum must be >= 1")
     if unknown := [p for p in presets if p not in PRESETS]:
         parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(sorted(PRESETS))}")
     args.seq = args.seq or (1024 if cuda and not args.quick else 128)

@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--trace", default=None, help="also write the profile as a Chrome trace (JSON) to this file")
     args = parser.parse_args(argv)
 
+    if args.accum < 1:
+        parser.error("--accum must be >= 1")
     device = pick_device(args.device)
     cuda = device.type == "cuda"
     if cuda:

@@ -664,6 +664,13 @@ class FusedLossLM(nn.Module):
         return None, loss
 
 
+def check_loss_kernel(cfg: TrainConfig, device: torch.device) -> None:
+    """ValueError when loss_kernel is forced on where the Triton kernel cannot run (before anything is written)."""
+    if cfg.loss_kernel is True and cfg.fused_loss is not False and not K.available(torch.empty(0, device=device)):
+        raise ValueError(f"TrainConfig.loss_kernel is on but the fused loss's Triton kernel cannot run on {device} "
+                         "(it needs CUDA and Triton installed); set loss_kernel to 'auto' or 'off'")
+
+
 def supports_fused_loss(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("hidden_states", "lm_head", "config"))
 
@@ -754,6 +761,7 @@ def train(
       around it, so sampling never changes the training trajectory).
     """
     device = resolve_device(cfg.device)
+    check_loss_kernel(cfg, device)
     info = D.init_distributed(device.type)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -199,6 +199,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
             fused_loss=on_off_auto(cfg.fused_loss), loss_kernel=on_off_auto(cfg.loss_kernel),
         )
         device = T.resolve_device(cfg.device)
+        T.check_loss_kernel(tcfg, device)
         info = D.init_distributed(device.type)
         tcfg.grad_accum_steps(info.world_size)
     except ValueError as e:

@@ -126,11 +126,23 @@ def test_training_loop_with_the_loss_kernel_follows_the_torch_loss():
         assert abs(a - b) <= 1e-4 * a
 
 
-def test_loss_kernel_setting_is_checked():
-    from llm.train import TrainConfig
+def test_loss_kernel_setting_is_checked(tmp_path):
+    """A bad value, and `on` where the kernel cannot run (CPU without the interpreter), fail before anything is
+    written."""
+    import torch
+
+    from llm.config import get_config
+    from llm.model import build_model
+    from llm.train import TrainConfig, train
 
     with pytest.raises(ValueError, match="loss_kernel"):
         TrainConfig(loss_kernel="yes")
+    tc = TrainConfig(max_steps=1, micro_batch_size=1, seq_len=8, device="cpu", fused_loss=True, loss_kernel=True,
+                     progress=False)
+    batches = iter([(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))])
+    with pytest.raises(ValueError, match="loss_kernel to 'auto' or 'off'"):
+        train(build_model(get_config("tiny")), tc, batches, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_forcing_the_kernel_where_it_cannot_run_is_a_clear_error():

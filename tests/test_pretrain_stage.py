@@ -104,6 +104,8 @@ def test_config_errors_name_the_field(data, tmp_path):
         pretrain.run(small(model="huge"), inputs, tmp_path)
     with pytest.raises(StageError, match=r"tokens_per_step"):
         pretrain.run(small(tokens_per_step=100), inputs, tmp_path)
+    with pytest.raises(StageError, match=r"pretrain\.loss_kernel is on .* set loss_kernel to 'auto' or 'off'"):
+        pretrain.run(small(fused_loss="on", loss_kernel="on"), inputs, tmp_path)  # CPU: the kernel cannot run
     with pytest.raises(pydantic.ValidationError, match="lr"):
         small(lr=-1.0)
     with pytest.raises(pydantic.ValidationError, match="n_layers"):
