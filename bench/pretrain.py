@@ -30,7 +30,7 @@ from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import add_common_args, device_name, emit, interleaved, pick_device, sync  # noqa: E402
+from bench.common import add_common_args, allow_tf32, device_name, emit, interleaved, pick_device, sync  # noqa: E402
 from llm.config import PRESETS, get_config  # noqa: E402
 from llm.hf import export_hf  # noqa: E402
 from llm.model import build_model  # noqa: E402
@@ -165,9 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     device = pick_device(args.device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(device)
     presets = (args.presets or ("gpt2-124m,llama-124m" if cuda and not args.quick else "tiny,tiny-gpt2")).split(",")
     if args.accum < 1:
         parser.error("--accum must be >= 1")

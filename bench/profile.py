@@ -26,7 +26,7 @@ from collections import defaultdict  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import add_common_args, device_name, emit, pick_device, sync, time_call  # noqa: E402
+from bench.common import add_common_args, allow_tf32, device_name, emit, pick_device, sync, time_call  # noqa: E402
 from bench.pretrain import make_step  # noqa: E402
 from llm import kernels as K  # noqa: E402
 from llm.config import PRESETS, get_config  # noqa: E402
@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--accum must be >= 1")
     device = pick_device(args.device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(device)
     preset = args.preset or ("gpt2-124m" if cuda and not args.quick else "tiny")
     seq = args.seq or (1024 if cuda and not args.quick else 128)
     batch = args.batch or (16 if cuda and not args.quick else 8)
