@@ -25,7 +25,7 @@ import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import add_common_args, device_name, emit, interleaved, pick_device, sync  # noqa: E402
+from bench.common import add_common_args, allow_tf32, device_name, emit, interleaved, pick_device, sync  # noqa: E402
 from llm.config import PRESETS, get_config  # noqa: E402
 from llm.generate import generate  # noqa: E402
 from llm.hf import export_hf  # noqa: E402
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     repeats = args.repeats or (2 if args.quick else 3)
     compile_flag = on_off_auto(args.compile)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    allow_tf32(device)
 
     torch.manual_seed(0)
     cfg = get_config(preset)

@@ -24,9 +24,9 @@ except ImportError:  # CPU-only installs; the torch path is used
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available(t: Tensor) -> bool:
-    """Whether ce_grad can run on `t`'s device."""
-    return triton is not None and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+def available(device: torch.device) -> bool:
+    """Whether ce_grad can run on tensors of `device`."""
+    return triton is not None and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
 
 
 if triton is not None:
@@ -93,5 +93,5 @@ def ce_grad(logits: Tensor, targets: Tensor, scale: Tensor, vocab: int) -> tuple
     A custom op, so torch.compile calls the kernel as it is instead of tracing into it.
     """
     if triton is None:
-        raise RuntimeError("llm.kernels.ce_grad needs Triton (pip install triton); check llm.kernels.available()")
+        raise RuntimeError("llm.kernels.ce_grad needs Triton (pip install triton); check llm.kernels.available(device)")
     return _ce_grad_op(logits, targets, scale, vocab)

@@ -602,7 +602,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(dev, enabled=False):
             wc = w.to(cd)
             for s in range(0, h.shape[0], chunk):
-                hc, tc, sc = h[s : s + chunk].to(cd), targets[s : s + chunk], scale[s : s + chunk]
+                hc, tc, vc, sc = h[s : s + chunk].to(cd), targets[s : s + chunk], valid[s : s + chunk], scale[s : s + chunk]
                 if kernel:  # Triton: two passes over the logits in their own dtype, no float32 copy
                     g, row_loss = K.ce_grad(hc @ wc.t(), tc, sc, vocab)
                     total += row_loss.sum()
@@ -612,7 +612,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         logits[:, vocab:] = float("-inf")
                     lse = torch.logsumexp(logits, dim=-1)
                     tgt = tc.clamp(min=0)
-                    total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * (tc != -100)).sum()
+                    total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * vc).sum()
                     g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                     g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
                     g = g.mul_(sc[:, None]).to(cd)
@@ -638,8 +638,9 @@ def linear_cross_entropy(
     kernel: the softmax gradient through llm.kernels' Triton kernel ("auto": where it can run, i.e. CUDA with
     Triton installed) or plain torch ops (False).
     """
-    use = K.available(h) if kernel == "auto" else bool(kernel)
-    if use and not K.available(h):
+    ok = K.available(h.device)
+    use = ok if kernel == "auto" else bool(kernel)
+    if use and not ok:
         raise ValueError(f"the fused loss's Triton kernel (loss_kernel / kernel=True) cannot run on {h.device}: it "
                          "needs a CUDA tensor and Triton installed; use loss_kernel 'auto' or 'off'")
     return _LinearCrossEntropy.apply(h, w, targets, vocab or w.shape[0], chunk, use)
@@ -666,7 +667,7 @@ class FusedLossLM(nn.Module):
 
 def check_loss_kernel(cfg: TrainConfig, device: torch.device) -> None:
     """ValueError when loss_kernel is forced on where the Triton kernel cannot run (before anything is written)."""
-    if cfg.loss_kernel is True and cfg.fused_loss is not False and not K.available(torch.empty(0, device=device)):
+    if cfg.loss_kernel is True and cfg.fused_loss is not False and not K.available(device):
         raise ValueError(f"TrainConfig.loss_kernel is on but the fused loss's Triton kernel cannot run on {device} "
                          "(it needs CUDA and Triton installed); set loss_kernel to 'auto' or 'off'")
 
