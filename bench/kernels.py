@@ -46,12 +46,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=None, help="hidden size for the correctness check (768; 32)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
+    for name in ("rows", "vocab", "padded", "dim"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
     device = pick_device(args.device)
     rows = args.rows or (48 if args.quick else 4096)
     vocab = args.vocab or (5003 if args.quick else 50257)
     padded = args.padded or -(-vocab // 64) * 64
     dim = args.dim or (32 if args.quick else 768)
-    if not K.available(torch.empty(0, device=device)):
+    if padded < vocab:
+        parser.error(f"--padded {padded} is smaller than --vocab {vocab}")
+    if not K.available(device):
         raise SystemExit("bench/kernels.py: the Triton kernel cannot run here (needs CUDA + triton, or "
                          "TRITON_INTERPRET=1 on CPU)")
     g = torch.Generator(device="cpu").manual_seed(0)

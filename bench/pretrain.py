@@ -31,6 +31,7 @@ from collections.abc import Callable  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import add_common_args, allow_tf32, device_name, emit, interleaved, pick_device, sync  # noqa: E402
+from llm import kernels as K  # noqa: E402
 from llm.config import PRESETS, get_config  # noqa: E402
 from llm.hf import export_hf  # noqa: E402
 from llm.model import build_model  # noqa: E402
@@ -169,6 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
     presets = (args.presets or ("gpt2-124m,llama-124m" if cuda and not args.quick else "tiny,tiny-gpt2")).split(",")
     if args.accum < 1:
         parser.error("--accum must be >= 1")
+    fused = args.fused_loss == "on" or (args.fused_loss == "auto" and cuda)
+    if fused and args.ce_kernel == "on" and not K.available(device):
+        parser.error(f"--ce-kernel on: the Triton kernel cannot run on {device} (needs CUDA + triton, or "
+                     "TRITON_INTERPRET=1 on CPU); use --ce-kernel auto or off")
     if unknown := [p for p in presets if p not in PRESETS]:
         parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(sorted(PRESETS))}")
     args.seq = args.seq or (1024 if cuda and not args.quick else 128)

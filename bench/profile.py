@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="our chunked LM head + cross-entropy (auto: on CUDA)")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                         help="torch.compile the model (auto: on CUDA)")
-    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--mode", default=None, help="torch.compile mode",
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotune)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler")
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.accum < 1:
         parser.error("--accum must be >= 1")
+    if args.chunk is not None and args.chunk < 1:
+        parser.error("--chunk must be >= 1")
     device = pick_device(args.device)
     cuda = device.type == "cuda"
     allow_tf32(device)
@@ -119,6 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     batch = args.batch or (16 if cuda and not args.quick else 8)
     steps = args.steps or (20 if cuda else 5)
     fused = args.fused_loss == "on" or (args.fused_loss == "auto" and cuda)
+    if fused and args.ce_kernel == "on" and not K.available(device):
+        parser.error(f"--ce-kernel on: the Triton kernel cannot run on {device} (needs CUDA + triton, or "
+                     "TRITON_INTERPRET=1 on CPU); use --ce-kernel auto or off")
     compiled = args.compile == "on" or (args.compile == "auto" and cuda)
 
     cfg = get_config(preset, max_seq_len=max(seq, get_config(preset).max_seq_len))
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = torch.compile(trained, mode=args.mode) if compiled else trained
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
     inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    uses_kernel = fused and (K.available(inp) if kernel == "auto" else bool(kernel))
+    uses_kernel = fused and (K.available(device) if kernel == "auto" else bool(kernel))
     step = make_step(lambda: run(inp, tgt)[1], model, opt, lambda: autocast_for(device, "auto"), args.accum)
 
     t0 = time.perf_counter()
