@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ce-kernel", default="auto", choices=("auto", "on", "off"),
                         help="fused loss: llm.kernels' Triton softmax-gradient kernel (auto: where it can run)")
     parser.add_argument("--fused-loss", default="auto", choices=("auto", "on", "off"),
-                        help="our chunked LM head + cross-entropy (auto: on CUDA)")
+                        help="our chunked LM head + cross-entropy (auto: on, as in llm.train)")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                         help="torch.compile the model (auto: on CUDA)")
     parser.add_argument("--mode", default=None, help="torch.compile mode",
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     seq = args.seq or (1024 if cuda and not args.quick else 128)
     batch = args.batch or (16 if cuda and not args.quick else 8)
     steps = args.steps or (20 if cuda else 5)
-    fused = args.fused_loss == "on" or (args.fused_loss == "auto" and cuda)
+    fused = args.fused_loss != "off"
     if fused and args.ce_kernel == "on" and not K.available(device):
         parser.error(f"--ce-kernel on: the Triton kernel cannot run on {device} (needs CUDA + triton, or "
                      "TRITON_INTERPRET=1 on CPU); use --ce-kernel auto or off")

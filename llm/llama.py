@@ -107,7 +107,7 @@ class Llama(DecoderLM):
         device = self.lm_head.weight.device
         device = "cpu" if device.type == "meta" else device
         self.register_buffer("rope_cos", cos.to(device), persistent=False)  # (max_seq_len, rope_dim)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)  # signed: first half negated
 
     def embed(self, idx: Tensor, position_ids: Tensor) -> Tensor:
         return self.drop(self.tok_emb(idx))

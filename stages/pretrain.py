@@ -81,8 +81,8 @@ class Config(BaseModel):
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp replicates the model, fsdp "
                                              "(FSDP2) shards it per block for models that do not fit one card.")
     fused_loss: Literal["auto", "on", "off"] = Field("auto", description="Chunked LM head + cross-entropy that "
-                                                     "never holds all logits (less memory, faster with big "
-                                                     "vocabularies): auto = on for CUDA.")
+                                                     "never holds all logits (less memory; faster on CUDA and "
+                                                     "CPU): auto = on (off under FSDP).")
     loss_kernel: Literal["auto", "on", "off"] = Field("auto", description="The fused loss's softmax gradient in "
                                                       "one Triton kernel (llm/kernels.py) instead of torch ops: "
                                                       "auto = on where Triton runs (CUDA).")

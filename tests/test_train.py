@@ -278,6 +278,31 @@ def test_fused_linear_cross_entropy_matches_plain_path():
     assert w.grad[20:].abs().max() == 0  # padding rows never learn
 
 
+def test_fused_loss_workspace_is_reused_and_never_leaks_between_calls():
+    """On CPU the logits buffer lives in the caller's workspace across calls; calls of other sizes (a bigger one
+    grows it, a smaller one uses its first rows) and large logits still give the plain path's values."""
+    from llm.train import linear_cross_entropy
+
+    torch.manual_seed(1)
+    w = torch.randn(24, 16, requires_grad=True)
+    ws: dict = {}
+    ptrs = []
+    for n, scale in ((37, 1.0), (50, 1.0), (20, 40.0), (50, 1.0)):  # scale 40: logits in the hundreds
+        h = (torch.randn(n, 16) * scale).requires_grad_()
+        t = torch.randint(0, 20, (n,))
+        t[::5] = -100
+        ref = nn.functional.cross_entropy((h @ w.t())[:, :20], t, ignore_index=-100)
+        gh, gw = torch.autograd.grad(ref, (h, w))
+        out = linear_cross_entropy(h, w, t, vocab=20, chunk=64, workspace=ws)
+        oh, ow = torch.autograd.grad(out, (h, w))
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(oh, gh)
+        torch.testing.assert_close(ow, gw)
+        ptrs.append(ws["logits"].data_ptr())
+    assert ws["logits"].shape == (50, 24)
+    assert ptrs[1] == ptrs[2] == ptrs[3] != ptrs[0]  # grown once, then kept
+
+
 def test_training_with_fused_loss_follows_the_plain_loss(tmp_path):
     a = train(make_model(), cfg(max_steps=5, checkpoint_interval=0, fused_loss=False), Stream(4), None)
     b = train(make_model(), cfg(max_steps=5, checkpoint_interval=0, fused_loss=True), Stream(4), None)
