@@ -17,8 +17,9 @@ global batch.
 
 Under torchrun (`torchrun --nproc-per-node=N ...`) the same call runs data parallel: DDP by default, FSDP2
 (`parallel="fsdp"`) to shard parameters per block; rank 0 logs and writes the shared checkpoint files, every rank
-writes its own RNG and loader state. On CUDA: bf16 autocast, TF32, torch.compile, fused AdamW, and the chunked
-LM-head + cross-entropy (`linear_cross_entropy`) that never materialises the full logits.
+writes its own RNG and loader state. On CUDA: bf16 autocast, TF32, torch.compile and fused AdamW. Everywhere: the
+chunked LM-head + cross-entropy (`linear_cross_entropy`) that never materialises the full logits (on CUDA through
+llm.kernels' Triton kernel; on CPU with every pass over the logits in place, in a buffer kept between steps).
 """
 
 from __future__ import annotations
