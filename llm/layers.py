@@ -17,7 +17,8 @@ from llm.config import ModelConfig
 
 class _RMSNormCPU(torch.autograd.Function):
     """fp32 RMSNorm on CPU with a hand-written backward. torch has no CPU kernel for the fused norm's backward, so
-    autograd differentiates its decomposition (about ten element-wise passes); this backward makes five."""
+    autograd differentiates its decomposition (pow, mean, rsqrt, mul and all their backwards); this backward is
+    eight element-wise passes, and the norm's forward + backward took 0.24 ms instead of 0.33-0.52 (8 x 128 x 128)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -65,7 +66,7 @@ def rope_tables(dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
 def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """x (B, H, T, D); cos/signed_sin (B, 1, T, D) from rope_tables. Rotate-half layout, so weights map 1:1 to HF
     Llama / DeepSeek: x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] written as a roll by D/2
-    against the signed table (three element-wise passes forward, four backward, instead of six and seven)."""
+    against the signed table (three element-wise passes forward and four backward, instead of five and five)."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
