@@ -27,13 +27,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def allow_tf32(device: torch.device) -> None:
-    """TF32 for float32 matmuls and convolutions on CUDA, as llm.train sets it for training."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

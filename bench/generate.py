@@ -25,11 +25,12 @@ import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import add_common_args, allow_tf32, device_name, emit, interleaved, pick_device, sync  # noqa: E402
+from bench.common import add_common_args, device_name, emit, interleaved, pick_device, sync  # noqa: E402
 from llm.config import PRESETS, get_config  # noqa: E402
 from llm.generate import generate  # noqa: E402
 from llm.hf import export_hf  # noqa: E402
 from llm.model import build_model  # noqa: E402
+from llm.train import allow_tf32  # noqa: E402
 from llm.utils import on_off_auto  # noqa: E402
 
 

@@ -30,13 +30,13 @@ from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import add_common_args, allow_tf32, device_name, emit, interleaved, pick_device, sync  # noqa: E402
+from bench.common import add_common_args, device_name, emit, interleaved, pick_device, sync  # noqa: E402
 from llm import kernels as K  # noqa: E402
 from llm.config import PRESETS, get_config  # noqa: E402
 from llm.hf import export_hf  # noqa: E402
 from llm.model import build_model  # noqa: E402
 from llm.optim import build_adamw  # noqa: E402
-from llm.train import FusedLossLM, autocast_for, peak_flops  # noqa: E402
+from llm.train import FusedLossLM, allow_tf32, autocast_for, peak_flops  # noqa: E402
 from llm.utils import flops_per_token, on_off_auto  # noqa: E402
 
 

@@ -26,13 +26,13 @@ from collections import defaultdict  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import add_common_args, allow_tf32, device_name, emit, pick_device, sync, time_call  # noqa: E402
+from bench.common import add_common_args, device_name, emit, pick_device, sync, time_call  # noqa: E402
 from bench.pretrain import make_step  # noqa: E402
 from llm import kernels as K  # noqa: E402
 from llm.config import PRESETS, get_config  # noqa: E402
 from llm.model import build_model  # noqa: E402
 from llm.optim import build_adamw  # noqa: E402
-from llm.train import FusedLossLM, TrainConfig, autocast_for, peak_flops  # noqa: E402
+from llm.train import FusedLossLM, TrainConfig, allow_tf32, autocast_for, peak_flops  # noqa: E402
 from llm.utils import flops_per_token, on_off_auto  # noqa: E402
 
 # kernel kind by name, first match wins (cuBLAS/cuBLASLt GEMMs are sm90_xmma*, nvjet*, cutlass*, *gemm*)

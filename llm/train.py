@@ -683,10 +683,17 @@ class FusedLossLM(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor):
         h = self.model.hidden_states(idx)
         w = self.model.lm_head.weight
-        ws = self._workspace if h.device.type == "cpu" and not torch.compiler.is_compiling() else None
+        ws = None if torch.compiler.is_compiling() else self._workspace  # the loss uses it on CPU only
         loss = linear_cross_entropy(h.flatten(0, 1), w, targets.flatten(), self.model.config.vocab_size, self.chunk,
                                     self.kernel, ws)
         return None, loss
+
+
+def allow_tf32(device: torch.device) -> None:
+    """TF32 for float32 matmuls and convolutions on CUDA (training sets it; the benches set it the same way)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def check_loss_kernel(cfg: TrainConfig, device: torch.device) -> None:
@@ -788,9 +795,7 @@ def train(
     device = resolve_device(cfg.device)
     check_loss_kernel(cfg, device)
     info = D.init_distributed(device.type)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(device)
     accum = cfg.grad_accum_steps(info.world_size)
     tokens_per_step = cfg.micro_batch_size * cfg.seq_len * accum * info.world_size
 
