@@ -19,6 +19,26 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
 
 
+def add_loss_args(parser: argparse.ArgumentParser) -> None:
+    """--fused-loss and --ce-kernel, as the training benches share them."""
+    parser.add_argument("--fused-loss", default="auto", choices=("auto", "on", "off"),
+                        help="our chunked LM head + cross-entropy (auto: on, as in llm.train)")
+    parser.add_argument("--ce-kernel", default="auto", choices=("auto", "on", "off"),
+                        help="fused loss: llm.kernels' Triton softmax-gradient kernel (auto: where it can run, i.e. "
+                        "CUDA with Triton)")
+
+
+def check_loss_args(parser: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether the fused loss is on; a usage error when --ce-kernel on names a device the kernel cannot run on."""
+    from llm import kernels as K
+
+    fused = args.fused_loss != "off"
+    if fused and args.ce_kernel == "on" and not K.available(device):
+        parser.error(f"--ce-kernel on: the Triton kernel cannot run on {device} (needs CUDA + triton, or "
+                     "TRITON_INTERPRET=1 on CPU); use --ce-kernel auto or off")
+    return fused
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -30,8 +30,16 @@ from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import add_common_args, device_name, emit, interleaved, pick_device, sync  # noqa: E402
-from llm import kernels as K  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_common_args,
+    add_loss_args,
+    check_loss_args,
+    device_name,
+    emit,
+    interleaved,
+    pick_device,
+    sync,
+)
 from llm.config import PRESETS, get_config  # noqa: E402
 from llm.hf import export_hf  # noqa: E402
 from llm.model import build_model  # noqa: E402
@@ -154,10 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per side first")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off", "both"),
                         help="torch.compile both sides (auto: both eager and compiled on CUDA, eager on CPU)")
-    parser.add_argument("--fused-loss", default="auto", choices=("auto", "on", "off"),
-                        help="our chunked LM head + cross-entropy (auto: on, as in llm.train)")
-    parser.add_argument("--ce-kernel", default="auto", choices=("auto", "on", "off"),
-                        help="fused loss: llm.kernels' Triton softmax-gradient kernel (auto: CUDA with Triton)")
+    add_loss_args(parser)
     args = parser.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
@@ -170,10 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     presets = (args.presets or ("gpt2-124m,llama-124m" if cuda and not args.quick else "tiny,tiny-gpt2")).split(",")
     if args.accum < 1:
         parser.error("--accum must be >= 1")
-    fused = args.fused_loss != "off"
-    if fused and args.ce_kernel == "on" and not K.available(device):
-        parser.error(f"--ce-kernel on: the Triton kernel cannot run on {device} (needs CUDA + triton, or "
-                     "TRITON_INTERPRET=1 on CPU); use --ce-kernel auto or off")
+    check_loss_args(parser, args, device)
     if unknown := [p for p in presets if p not in PRESETS]:
         parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(sorted(PRESETS))}")
     args.seq = args.seq or (1024 if cuda and not args.quick else 128)

@@ -26,7 +26,16 @@ from collections import defaultdict  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import add_common_args, device_name, emit, pick_device, sync, time_call  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_common_args,
+    add_loss_args,
+    check_loss_args,
+    device_name,
+    emit,
+    pick_device,
+    sync,
+    time_call,
+)
 from bench.pretrain import make_step  # noqa: E402
 from llm import kernels as K  # noqa: E402
 from llm.config import PRESETS, get_config  # noqa: E402
@@ -95,10 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (default 8 on CPU, 16 on CUDA)")
     parser.add_argument("--chunk", type=int, default=None, help="fused loss: tokens per chunk (default: llm.train's)")
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--ce-kernel", default="auto", choices=("auto", "on", "off"),
-                        help="fused loss: llm.kernels' Triton softmax-gradient kernel (auto: where it can run)")
-    parser.add_argument("--fused-loss", default="auto", choices=("auto", "on", "off"),
-                        help="our chunked LM head + cross-entropy (auto: on, as in llm.train)")
+    add_loss_args(parser)
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                         help="torch.compile the model (auto: on CUDA)")
     parser.add_argument("--mode", default=None, help="torch.compile mode",
@@ -121,10 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     seq = args.seq or (1024 if cuda and not args.quick else 128)
     batch = args.batch or (16 if cuda and not args.quick else 8)
     steps = args.steps or (20 if cuda else 5)
-    fused = args.fused_loss != "off"
-    if fused and args.ce_kernel == "on" and not K.available(device):
-        parser.error(f"--ce-kernel on: the Triton kernel cannot run on {device} (needs CUDA + triton, or "
-                     "TRITON_INTERPRET=1 on CPU); use --ce-kernel auto or off")
+    fused = check_loss_args(parser, args, device)
     compiled = args.compile == "on" or (args.compile == "auto" and cuda)
 
     cfg = get_config(preset, max_seq_len=max(seq, get_config(preset).max_seq_len))
