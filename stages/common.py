@@ -1,17 +1,20 @@
-"""What every stage shares: the result type, the tracker protocol, atomic writes, hashing, and user-facing errors."""
+"""What every stage shares: the result type, the tracker protocol and user-facing errors.
+
+Atomic writes and hashing live in `llm.files`; they are re-exported here because every stage uses them.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from llm.files import atomic_dir, atomic_file, fsync_dir, sha256_file, sha256_tree, write_json
+
+__all__ = ["ListTracker", "NullTracker", "StageError", "StageResult", "Tracker", "TransientError", "atomic_dir",
+           "atomic_file", "fsync_dir", "read_json", "require_path", "sha256_file", "sha256_tree", "write_json"]
 
 
 class StageError(Exception):
@@ -63,88 +66,6 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
     plots: dict[str, Path] = field(default_factory=dict)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_tree(path: str | Path) -> str:
-    """Content hash of a file or a folder (relative paths + file contents, sorted), stable across machines."""
-    p = Path(path)
-    if p.is_file():
-        return sha256_file(p)
-    h = hashlib.sha256()
-    for f in sorted(x for x in p.rglob("*") if x.is_file()):
-        h.update(f.relative_to(p).as_posix().encode())
-        h.update(b"\0")
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
-
-
-def fsync_dir(path: str | Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
-    """Write to `path` through a temporary sibling; rename into place only when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are shared (MLflow server, other users)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a folder under a temporary sibling name; swap it into place only when the block succeeds.
-
-    An existing folder at `path` is replaced only after the new one is complete.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs are shared (MLflow server, other users)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    with atomic_file(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:
