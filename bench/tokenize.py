@@ -55,7 +55,7 @@ def main() -> None:
 
     from llm import data as token_data
     from llm.tokenizer import SPECIAL_TOKENS, Tokenizer, new_bpe, train_bpe
-    from stages import ingest
+    from stages import corpus_reader, ingest
     from stages import tokenizer as tok_stage
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,9 +72,9 @@ def main() -> None:
         work = Path(tmp)
         src = ingest.BuiltinSource(n_documents=n_docs, n_sft=10, n_pref=10, n_heldout=5, n_rl_prompts=5)
         corpus_dir = ingest.run(ingest.Config(sources=[src]), None, work).outputs["corpus"]
-        manifest = ingest.read_manifest(corpus_dir)
-        train_texts = [t for b in ingest.iter_texts(corpus_dir, "train", manifest) for t in b]
-        all_texts = [t for b in ingest.iter_texts(corpus_dir, None, manifest) for t in b]
+        manifest = corpus_reader.read_manifest(corpus_dir)
+        train_texts = [t for b in corpus_reader.iter_texts(corpus_dir, "train", manifest) for t in b]
+        all_texts = [t for b in corpus_reader.iter_texts(corpus_dir, None, manifest) for t in b]
         text_mb = sum(len(t.encode()) for t in all_texts) / 1e6
         cfg = tok_stage.Config(vocab_size=args.vocab)
 

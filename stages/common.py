@@ -1,20 +1,28 @@
-"""What every stage shares: the result type, the tracker protocol and user-facing errors.
+"""What every stage shares: the result type, the tracker protocol, user-facing errors (a full disk among them) and
+the device a stage setting names.
 
 Atomic writes and hashing live in `llm.files`; they are re-exported here because every stage uses them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
+from llm.device import resolve_device
 from llm.files import atomic_dir, atomic_file, fsync_dir, sha256_file, sha256_tree, write_json
 
-__all__ = ["ListTracker", "NullTracker", "StageError", "StageResult", "Tracker", "TransientError", "atomic_dir",
-           "atomic_file", "fsync_dir", "read_json", "require_path", "sha256_file", "sha256_tree", "write_json"]
+__all__ = ["DISK_FULL_ERRNOS", "ListTracker", "NullTracker", "StageError", "StageResult", "Tracker", "TransientError",
+           "atomic_dir", "atomic_file", "disk_full_error", "fsync_dir", "read_json", "remove_stale", "require_path",
+           "sha256_file", "sha256_tree", "stage_device", "stop_when_disk_full", "write_json"]
 
 
 class StageError(Exception):
@@ -68,14 +76,15 @@ class StageResult:
     plots: dict[str, Path] = field(default_factory=dict)
 
 
-def read_json(path: str | Path, what: str = "file") -> Any:
+def read_json(path: str | Path, what: str = "file", producer: str = "the stage that produces it") -> Any:
+    """Parse a JSON file another stage wrote; a missing or broken one is a StageError saying to rerun `producer`."""
     p = Path(path)
     if not p.exists():
-        raise StageError(f"{what} {p} does not exist; run the stage that produces it first.")
+        raise StageError(f"{what} {p} does not exist; run {producer} first.")
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise StageError(f"{what} {p} is not valid JSON ({e}); delete it and rerun the stage that wrote it.") from e
+        raise StageError(f"{what} {p} is not valid JSON ({e}); delete it and rerun {producer}.") from e
 
 
 def require_path(path: str | Path, what: str) -> Path:
@@ -83,3 +92,39 @@ def require_path(path: str | Path, what: str) -> Path:
     if not p.exists():
         raise StageError(f"{what} not found at {p}; pass the output of the upstream stage.")
     return p
+
+
+def stage_device(name: str, setting: str) -> torch.device:
+    """`llm.device.resolve_device` for a stage setting: a device the machine lacks is a StageError naming it."""
+    try:
+        return resolve_device(name, setting)
+    except ValueError as e:
+        raise StageError(str(e)) from e
+
+
+# Out of space, out of quota, or over a file-size limit: the user must make room; retrying will not help.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def disk_full_error(e: OSError, where: Path) -> StageError:
+    return StageError(f"disk full while writing {where} ({e.strerror or e}); free space on that disk (or move the "
+                      f"work directory) and rerun. Nothing under the final name was touched.")
+
+
+@contextlib.contextmanager
+def stop_when_disk_full(where: Path) -> Iterator[None]:
+    """Turn a full disk inside the block into a StageError naming `where` (other OSErrors pass through)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(e, where) from e
+        raise
+
+
+def remove_stale(out_dir: Path, names: tuple[str, ...]) -> None:
+    """Remove the temporary folders a killed run left for `names` (atomic_dir's `.<name>.*.tmp`); they never sit
+    under a final name, so nothing finished is lost."""
+    for name in names:
+        for stale in Path(out_dir).glob(f".{name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)

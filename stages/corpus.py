@@ -41,9 +41,9 @@ TASK_KINDS = ("color", "owner", "add", "sub", "more")
 HELDOUT_MOD = 16
 
 # How many people a colour/owner scenario names (drawn uniformly from this tuple). One person: the answer is
-# the only colour/name in the prompt, a copy a tiny model learns within minutes of CPU pretraining. Two or
-# three: it must also match the name/thing asked about (in-context retrieval), which the `tiny` preset did not
-# learn in 400 pretraining steps; these items leave headroom for SFT and RL.
+# the only colour/name in the prompt, a copy a tiny model learns within minutes of CPU pretraining. Two: it must
+# also match the name/thing asked about (in-context retrieval), which a tiny model barely learns in pretraining,
+# so these items leave headroom for SFT and RL.
 PEOPLE = (1, 2)
 
 
@@ -259,7 +259,7 @@ def task_records(seed: int, n_sft: int, n_pref: int, n_heldout: int, n_rl_prompt
         return [{"messages": [_user(i.prompt), _assistant(i.answer)]} for i in items]
 
     def pref(items: list[Item]) -> list[dict]:
-        # the rejected answer has its own rng, keyed by the prompt: the other files stay exactly as before
+        # the rejected answer has its own rng, keyed by the prompt, so that the other files' draws do not depend on it
         return [{"prompt": [_user(i.prompt)], "chosen": [_assistant(i.answer)],
                  "rejected": [_assistant(_rejected(i, random.Random(f"rejected-{seed}-{i.prompt}")))]}
                 for i in items]

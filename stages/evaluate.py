@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from stages.chat_data import Message, load_prompts, prompt_text, subsample
-from stages.common import StageError
+from stages.common import StageError, stage_device
 
 
 @dataclass
@@ -36,12 +36,6 @@ class Generation:
     response_ids: list[int]  # up to and including the first stop token (if one was produced)
     text: str  # the response decoded without special tokens
     stopped: bool  # whether a stop token ended it (else it hit max_new_tokens)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_tokenizer(model_dir: str | Path, padding_side: str = "left") -> Any:
@@ -67,7 +61,7 @@ def load_causal_lm(model_dir: str | Path, device: str | torch.device = "auto") -
     if not (Path(model_dir) / "config.json").exists():
         raise StageError(f"{model_dir} is not a transformers model folder (no config.json); pass an `hf` output.")
     tok = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(pick_device(str(device)))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(stage_device(str(device), "device"))
     model.eval()
     return model, tok
 
@@ -203,6 +197,13 @@ def load_heldout(tasks_dir: str | Path, limit: int | None = None) -> list[dict[s
     if not path.exists():
         raise StageError(f"{path} not found; the `tasks` input must be the tasks folder written by ingest.")
     return subsample(load_prompts(path), limit)
+
+
+def optional_heldout(tasks_dir: Path | None, limit: int | None = None) -> list[dict[str, Any]]:
+    """The held-out items when the tasks folder has them, else none (a stage trained on other data still runs)."""
+    if tasks_dir is None or not (Path(tasks_dir) / "heldout.jsonl").exists():
+        return []
+    return load_heldout(tasks_dir, limit)
 
 
 def evaluate_exact_match(

@@ -23,27 +23,21 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import torch
+from pydantic import ConfigDict, Field, model_validator
 
+from stages import hf_training as hft
+from stages import reuse
 from stages.chat_data import load_prompts, prompt_text, resolve_source
-from stages.common import NullTracker, StageError, StageResult, Tracker, require_path
-from stages.sft import (
-    cached_result,
-    common_training_args,
-    fingerprint,
-    precision_args,
-    save_hf,
-    save_result,
-    tracker_callback,
-)
+from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
 
 
-class Config(BaseModel):
+class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
     """Online RL from the reward model: PPO (default), GRPO or RLOO."""
 
     model_config = ConfigDict(extra="forbid")
@@ -63,9 +57,8 @@ class Config(BaseModel):
     num_mini_batches: int = Field(2, ge=1, description="PPO: minibatches each rollout batch is split into "
                                   "(one optimizer step each).")
     num_ppo_epochs: int = Field(4, ge=1, description="Optimisation passes over each rollout batch.")
-    # built-in task, tiny preset (init_std 0.1), lr 1e-5, three seeds each: the reward gain is positive at every kl_coef
-    # tried, but PPO drifts towards the reward model's blind spot on differences (it scores x - y - 1 above x - y), so
-    # exact match falls: kl 0.1 by 0.015/0.025/0.06, kl 0.3 by 0.0/0.025/0.045, kl 0.5 by 0.01/0.02/0.04.
+    # PPO drifts towards the reward model's blind spots (on the built-in task it scores x - y - 1 above x - y), so
+    # the reward rises while exact match falls; a strong KL penalty (kl_coef 0.5) keeps that loss smallest.
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW) for the policy (and value model).")
     lr_scheduler: str = Field("linear", description="transformers scheduler name: linear, cosine, constant, ...")
     kl_coef: float = Field(0.5, ge=0, description="Weight of the KL penalty to the SFT reference (GRPO/RLOO: beta).")
@@ -78,8 +71,8 @@ class Config(BaseModel):
     lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
     whiten_rewards: bool = Field(False, description="PPO: whiten rewards per batch (needs minibatches of >= 8).")
     response_length: int = Field(16, ge=1, description="Most tokens generated per answer during training.")
-    # below 1 the rollouts stay near the greedy answers the evaluation scores; at 1.0 the tiny preset's samples are
-    # mostly noise and PPO drifted away from SFT's exact match without raising the held-out reward
+    # Below 1 the rollouts stay near the greedy answers the evaluation scores; at 1.0 a small model's samples are
+    # mostly noise.
     temperature: float = Field(0.7, gt=0, description="Sampling temperature of the rollouts.")
     stop_token: Literal["eos"] | None = Field(
         "eos", description="'eos': answers end at the tokenizer's EOS (the chat turn's end); empty = never stop early."
@@ -93,15 +86,7 @@ class Config(BaseModel):
         "0 = reward model only."
     )
     seed: int = Field(0, description="Random seed (rollout sampling, data order).")
-    device: str = Field("auto", description="'auto' (CUDA if available), 'cpu' or 'cuda[:N]'.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="'auto' = bf16 mixed precision on CUDA GPUs that support it, fp32 on CPU."
-    )
     logging_steps: int = Field(1, ge=1, description="Log training metrics every N updates.")
-    eval_limit: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out prompts.")
-    eval_batch_size: int = Field(64, ge=1, description="Prompts per batch during evaluation.")
-    max_new_tokens: int = Field(24, ge=1, description="Longest answer generated during evaluation.")
-    n_samples: int = Field(8, ge=0, description="Rows in the before/after sample table.")
 
     @model_validator(mode="after")
     def _check_batches(self) -> Config:
@@ -142,9 +127,43 @@ def program_reward(completions: list, answer: list, **kwargs: Any) -> list[float
     return out
 
 
-def _train_ppo(cfg: Config, tok: Any, policy: Any, ref: Any, reward: Any, value: Any, prompts: list[dict],
-               eval_prompts: list[dict], work: Path, prec: dict, tracker: Tracker) -> int:
+def _check_reward_model(reward_dir: Path) -> None:
+    rm_cfg = json.loads((reward_dir / "config.json").read_text())
+    if rm_cfg.get("num_labels", len(rm_cfg.get("id2label", {}) or {0: 0})) != 1 or not any(
+        a.endswith("ForSequenceClassification") for a in rm_cfg.get("architectures", [])
+    ):
+        raise StageError(f"{reward_dir} is not a scalar reward model (needs a *ForSequenceClassification with "
+                         "num_labels=1); pass the reward stage's `hf` output as `reward_model`.")
+
+
+@dataclass
+class _Models:
+    """The policy being trained, its frozen SFT reference and the frozen reward model, on one device."""
+
+    policy: Any
+    ref: Any
+    reward: Any
+    reward_dir: Path
+    device: torch.device
+
+
+def _load_models(cfg: Config, policy_dir: Path, reward_dir: Path, pad_token_id: int, device: torch.device) -> _Models:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+
+    set_seed(cfg.seed)
+    policy = AutoModelForCausalLM.from_pretrained(str(policy_dir)).to(device)
+    ref = AutoModelForCausalLM.from_pretrained(str(policy_dir)).to(device)
+    reward = AutoModelForSequenceClassification.from_pretrained(str(reward_dir), num_labels=1).to(device)
+    reward.config.pad_token_id = pad_token_id
+    for m in (ref, reward):
+        m.eval().requires_grad_(False)
+    return _Models(policy, ref, reward, reward_dir, device)
+
+
+def _train_ppo(cfg: Config, tok: Any, models: _Models, prompts: list[dict], eval_prompts: list[dict], work: Path,
+               prec: dict, tracker: Tracker) -> int:
     from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     from stages.evaluate import encode_prompts
@@ -152,50 +171,29 @@ def _train_ppo(cfg: Config, tok: Any, policy: Any, ref: Any, reward: Any, value:
     def tokenized(rows: list[dict]) -> Any:
         return Dataset.from_dict({"input_ids": encode_prompts(tok, [r["prompt"] for r in rows])})
 
+    # The value model starts from the reward model: both read a whole answer and return one number.
+    value = AutoModelForSequenceClassification.from_pretrained(str(models.reward_dir), num_labels=1).to(models.device)
+    value.config.pad_token_id = tok.pad_token_id
     args = PPOConfig(
-        **common_training_args(work, cfg.seed, cfg.logging_steps),
-        **prec,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
+        **hft.common_training_args(work, cfg.seed, cfg.logging_steps), **prec,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
         # rollout batch = per-device batch with no accumulation: each minibatch is then one optimizer step
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=1,
-        num_mini_batches=cfg.num_mini_batches,
-        num_ppo_epochs=cfg.num_ppo_epochs,
-        total_episodes=cfg.total_episodes,
-        local_rollout_forward_batch_size=cfg.batch_size,
-        response_length=cfg.response_length,
-        temperature=cfg.temperature,
-        stop_token=cfg.stop_token,
-        missing_eos_penalty=cfg.missing_eos_penalty,
-        kl_coef=cfg.kl_coef,
-        kl_estimator=cfg.kl_estimator,
-        cliprange=cfg.cliprange,
-        vf_coef=cfg.vf_coef,
-        cliprange_value=cfg.cliprange_value,
-        gamma=cfg.gamma,
-        lam=cfg.lam,
-        whiten_rewards=cfg.whiten_rewards,
-        num_sample_generations=0,  # we evaluate on held-out prompts ourselves, after training
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
+        num_mini_batches=cfg.num_mini_batches, num_ppo_epochs=cfg.num_ppo_epochs, total_episodes=cfg.total_episodes,
+        local_rollout_forward_batch_size=cfg.batch_size, response_length=cfg.response_length,
+        temperature=cfg.temperature, stop_token=cfg.stop_token, missing_eos_penalty=cfg.missing_eos_penalty,
+        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, cliprange=cfg.cliprange, vf_coef=cfg.vf_coef,
+        cliprange_value=cfg.cliprange_value, gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards,
+        num_sample_generations=0,  # held-out evaluation happens after training, on our own metrics
         per_device_eval_batch_size=min(cfg.eval_batch_size, max(1, len(eval_prompts))),
     )
-    trainer = PPOTrainer(
-        args=args,
-        processing_class=tok,
-        model=policy,
-        ref_model=ref,
-        reward_model=reward,
-        value_model=value,
-        train_dataset=tokenized(prompts),
-        eval_dataset=tokenized(eval_prompts or prompts[:1]),
-        callbacks=[tracker_callback(tracker)],
-    )
-    trainer.train()
-    return int(trainer.state.global_step)
+    return hft.fit(PPOTrainer, tracker, args=args, processing_class=tok, model=models.policy, ref_model=models.ref,
+                   reward_model=models.reward, value_model=value, train_dataset=tokenized(prompts),
+                   eval_dataset=tokenized(eval_prompts or prompts[:1]))
 
 
-def _train_group(cfg: Config, tok: Any, reward_tok: Any, policy: Any, reward: Any, prompts: list[dict],
-                 work: Path, prec: dict, tracker: Tracker) -> int:
+def _train_group(cfg: Config, tok: Any, reward_tok: Any, models: _Models, prompts: list[dict], work: Path,
+                 prec: dict, tracker: Tracker) -> int:
     from datasets import Dataset
 
     if cfg.algorithm == "grpo":
@@ -205,7 +203,7 @@ def _train_group(cfg: Config, tok: Any, reward_tok: Any, policy: Any, reward: An
         from trl import RLOOConfig as AlgoConfig
         from trl import RLOOTrainer as AlgoTrainer
 
-    funcs: list[Any] = [reward]
+    funcs: list[Any] = [models.reward]
     weights = [1.0]
     procs: list[Any] = [reward_tok]
     if cfg.program_reward_weight > 0:
@@ -215,90 +213,85 @@ def _train_group(cfg: Config, tok: Any, reward_tok: Any, policy: Any, reward: An
         weights.append(cfg.program_reward_weight)
         procs.append(None)
     data = Dataset.from_list([{"prompt": p["prompt"], "answer": p["answer"] or ""} for p in prompts])
-    common = common_training_args(work, cfg.seed, cfg.logging_steps)
+    common = hft.common_training_args(work, cfg.seed, cfg.logging_steps)
     common["remove_unused_columns"] = False  # the program reward reads the `answer` column
     args = AlgoConfig(
-        **common,
-        **prec,
-        epsilon=cfg.cliprange,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        per_device_train_batch_size=cfg.batch_size,
-        num_generations=cfg.num_generations,
-        max_completion_length=cfg.response_length,
-        temperature=cfg.temperature,
-        beta=cfg.kl_coef,
-        num_iterations=cfg.num_ppo_epochs,
-        max_steps=math.ceil(cfg.total_episodes / cfg.batch_size),
-        reward_weights=weights,
-        log_completions=False,
+        **common, **prec,
+        epsilon=cfg.cliprange, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        per_device_train_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
+        max_completion_length=cfg.response_length, temperature=cfg.temperature, beta=cfg.kl_coef,
+        num_iterations=cfg.num_ppo_epochs, max_steps=math.ceil(cfg.total_episodes / cfg.batch_size),
+        reward_weights=weights, log_completions=False,
     )
-    trainer = AlgoTrainer(
-        model=policy,
-        reward_funcs=funcs,
-        args=args,
-        train_dataset=data,
-        processing_class=tok,
-        reward_processing_classes=procs,
-        callbacks=[tracker_callback(tracker)],
-    )
-    trainer.train()
-    return int(trainer.state.global_step)
+    return hft.fit(AlgoTrainer, tracker, model=models.policy, reward_funcs=funcs, args=args, train_dataset=data,
+                   processing_class=tok, reward_processing_classes=procs)
+
+
+def _evaluate(cfg: Config, tok: Any, models: _Models, heldout: list[dict]) -> tuple[dict[str, float], list[dict]]:
+    """Held-out metrics and sample rows of the aligned policy against its SFT reference (see the module doc)."""
+    from stages.evaluate import exact_match, generate, reward_scores, scored_sequences, sequence_kl
+
+    gen_kw = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens}
+    eval_prompts = [it["prompt"] for it in heldout]
+    after = generate(models.policy, tok, eval_prompts, progress=True, **gen_kw)
+    before = generate(models.ref, tok, eval_prompts, progress=True, **gen_kw)
+    r_after = reward_scores(models.reward, tok, scored_sequences(tok, after), batch_size=cfg.eval_batch_size)
+    r_before = reward_scores(models.reward, tok, scored_sequences(tok, before), batch_size=cfg.eval_batch_size)
+    kls = sequence_kl(models.policy, models.ref, after, tok.pad_token_id, batch_size=cfg.eval_batch_size)
+    metrics = {"eval/reward_mean": sum(r_after) / len(r_after), "eval/sft_reward_mean": sum(r_before) / len(r_before)}
+    # paired over the same prompts: the gain and its standard error say whether the difference is real
+    diffs = [a - b for a, b in zip(r_after, r_before, strict=True)]
+    metrics["eval/reward_gain"] = sum(diffs) / len(diffs)
+    if len(diffs) > 1:
+        metrics["eval/reward_gain_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    metrics["eval/kl"] = sum(kls) / len(kls)
+    metrics["eval/eos_rate"] = sum(g.stopped for g in after) / len(after)
+    checked = all(it.get("answer") is not None for it in heldout)
+    if checked:
+        em_after, rows_after = exact_match(models.policy, tok, heldout, generations=after)
+        em_before, rows_before = exact_match(models.ref, tok, heldout, generations=before)
+        metrics.update(em_after)
+        metrics["eval/sft_exact_match"] = em_before["eval/exact_match"]
+    samples = []
+    for i, it in enumerate(heldout[: cfg.n_samples]):
+        row = {"prompt": prompt_text(it["prompt"]), "response_before": before[i].text,
+               "response_after": after[i].text, "expected": it.get("answer"),
+               "reward_before": r_before[i], "reward_after": r_after[i]}
+        if checked:
+            row["correct_before"] = rows_before[i]["correct"]
+            row["correct"] = rows_after[i]["correct"]
+        samples.append(row)
+    return metrics, samples
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
-
-    from stages.evaluate import (
-        encode_prompts,
-        exact_match,
-        generate,
-        load_heldout,
-        load_tokenizer,
-        reward_scores,
-        scored_sequences,
-        sequence_kl,
-    )
+    from stages.evaluate import encode_prompts, load_tokenizer, optional_heldout
 
     policy_dir = require_path(inputs.get("policy", ""), "input `policy` (the SFT stage's hf folder)")
     reward_dir = require_path(inputs.get("reward_model", ""), "input `reward_model` (the reward stage's hf folder)")
-    tasks = inputs.get("tasks")
-    tasks_dir = require_path(tasks, "input `tasks`") if tasks is not None else None
+    tasks_dir = hft.optional_tasks(inputs)
     out_dir = Path(out_dir)
 
     # everything a user can get wrong is checked before any model is trained
     src = resolve_source(cfg.dataset, tasks_dir, "rl_prompts.jsonl", "ppo.dataset")
     prompts = load_prompts(src)
-    heldout = load_heldout(tasks_dir, cfg.eval_limit) if tasks_dir and (tasks_dir / "heldout.jsonl").exists() else []
+    heldout = optional_heldout(tasks_dir, cfg.eval_limit)
     tok = load_tokenizer(policy_dir, padding_side="left")
     reward_tok = load_tokenizer(reward_dir, padding_side="right")
     check_same_tokenizer(tok, reward_tok, policy_dir, reward_dir)
-    rm_cfg = json.loads((reward_dir / "config.json").read_text())
-    if rm_cfg.get("num_labels", len(rm_cfg.get("id2label", {}) or {0: 0})) != 1 or not any(
-        a.endswith("ForSequenceClassification") for a in rm_cfg.get("architectures", [])
-    ):
-        raise StageError(f"{reward_dir} is not a scalar reward model (needs a *ForSequenceClassification with "
-                         "num_labels=1); pass the reward stage's `hf` output as `reward_model`.")
+    _check_reward_model(reward_dir)
     if cfg.algorithm == "ppo" and len(prompts) < cfg.batch_size:
         raise StageError(f"{src} has {len(prompts)} prompts, fewer than ppo.batch_size={cfg.batch_size}; lower "
                          "batch_size or add prompts.")
 
-    fp = fingerprint(cfg, {"policy": policy_dir, "reward_model": reward_dir, "tasks": tasks_dir}, [src])
-    if (cached := cached_result(out_dir, fp)) is not None:
-        return cached
+    key = hft.work_key(cfg, {"policy": policy_dir, "reward_model": reward_dir, "tasks": tasks_dir}, [src])
+    if (done := hft.finished(out_dir, key)) is not None:
+        return done
 
-    prec = precision_args(cfg.device, cfg.precision)
-    device = torch.device("cpu" if prec["use_cpu"] else ("cuda" if cfg.device == "auto" else cfg.device))
-    set_seed(cfg.seed)
-    policy = AutoModelForCausalLM.from_pretrained(str(policy_dir)).to(device)
-    ref = AutoModelForCausalLM.from_pretrained(str(policy_dir)).to(device)
-    reward = AutoModelForSequenceClassification.from_pretrained(str(reward_dir), num_labels=1).to(device)
-    reward.config.pad_token_id = tok.pad_token_id
-    for m in (ref, reward):
-        m.eval().requires_grad_(False)
-
-    ctx = getattr(policy.config, "max_position_embeddings", None)
+    device = stage_device(cfg.device, "ppo.device")
+    prec = hft.precision_args(device, cfg.precision)
+    models = _load_models(cfg, policy_dir, reward_dir, tok.pad_token_id, device)
+    ctx = getattr(models.policy.config, "max_position_embeddings", None)
     longest = max(len(x) for x in encode_prompts(tok, [p["prompt"] for p in prompts]))
     if ctx is not None and longest + cfg.response_length > ctx:
         raise StageError(f"the longest RL prompt ({longest} tokens) plus ppo.response_length={cfg.response_length} "
@@ -306,49 +299,14 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
 
     work = out_dir / ".trainer"
     if cfg.algorithm == "ppo":
-        value = AutoModelForSequenceClassification.from_pretrained(str(reward_dir), num_labels=1).to(device)
-        value.config.pad_token_id = tok.pad_token_id
-        steps = _train_ppo(cfg, tok, policy, ref, reward, value, prompts, heldout, work, prec, tracker)
-        del value
+        steps = _train_ppo(cfg, tok, models, prompts, heldout, work, prec, tracker)
     else:
-        steps = _train_group(cfg, tok, reward_tok, policy, reward, prompts, work, prec, tracker)
-    policy.eval()
-    save_hf(policy, tok, out_dir / "hf", policy_dir)
-    shutil.rmtree(work, ignore_errors=True)
+        steps = _train_group(cfg, tok, reward_tok, models, prompts, work, prec, tracker)
+    hf = hft.save_trained(models.policy, tok, out_dir, policy_dir)
 
-    metrics: dict[str, float] = {}
-    samples: list[dict[str, Any]] = []
+    metrics, samples = _evaluate(cfg, tok, models, heldout) if heldout else ({}, [])
     if heldout:
-        gen_kw = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens}
-        eval_prompts = [it["prompt"] for it in heldout]
-        after = generate(policy, tok, eval_prompts, progress=True, **gen_kw)
-        before = generate(ref, tok, eval_prompts, progress=True, **gen_kw)
-        r_after = reward_scores(reward, tok, scored_sequences(tok, after), batch_size=cfg.eval_batch_size)
-        r_before = reward_scores(reward, tok, scored_sequences(tok, before), batch_size=cfg.eval_batch_size)
-        kls = sequence_kl(policy, ref, after, tok.pad_token_id, batch_size=cfg.eval_batch_size)
-        metrics["eval/reward_mean"] = sum(r_after) / len(r_after)
-        metrics["eval/sft_reward_mean"] = sum(r_before) / len(r_before)
-        # paired over the same prompts: the gain and its standard error say whether the difference is real
-        diffs = [a - b for a, b in zip(r_after, r_before, strict=True)]
-        metrics["eval/reward_gain"] = sum(diffs) / len(diffs)
-        if len(diffs) > 1:
-            metrics["eval/reward_gain_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
-        metrics["eval/kl"] = sum(kls) / len(kls)
-        metrics["eval/eos_rate"] = sum(g.stopped for g in after) / len(after)
-        if all(it.get("answer") is not None for it in heldout):
-            em_after, rows_after = exact_match(policy, tok, heldout, generations=after)
-            em_before, rows_before = exact_match(ref, tok, heldout, generations=before)
-            metrics.update(em_after)
-            metrics["eval/sft_exact_match"] = em_before["eval/exact_match"]
-        for i, it in enumerate(heldout[: cfg.n_samples]):
-            row = {"prompt": prompt_text(it["prompt"]), "response_before": before[i].text,
-                   "response_after": after[i].text, "expected": it.get("answer"),
-                   "reward_before": r_before[i], "reward_after": r_after[i]}
-            if "eval/exact_match" in metrics:
-                row["correct_before"] = rows_before[i]["correct"]
-                row["correct"] = rows_after[i]["correct"]
-            samples.append(row)
         tracker.log_metrics(metrics, step=steps)
-    result = StageResult(outputs={"hf": out_dir / "hf"}, metrics=metrics, samples=samples)
-    save_result(out_dir, fp, result)
+    result = StageResult(outputs={"hf": hf}, metrics=metrics, samples=samples)
+    reuse.mark_finished(out_dir, key, result)
     return result

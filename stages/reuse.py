@@ -10,6 +10,10 @@ so a run killed before the end leaves no record and is redone; a changed config 
     ... write outputs ...
     mark_finished(out_dir, key, result)
 
+A stage with outputs that are reused independently (ingest's corpus and tasks) keeps one record per output, named by
+`record=`. A record that does not match is removed as soon as `finished` says so: the caller is about to overwrite
+the outputs it describes, and a run killed after replacing them must not leave the old record next to new outputs.
+
 Resuming a half-finished run (training checkpoints) is the stage's own business; this module only skips work that
 ended.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,23 +50,37 @@ def work_key(cfg: BaseModel | Mapping[str, Any] | None = None, *, inputs: Mappin
 
 
 def finished(out_dir: Path, key: str, outputs: Mapping[str, Path], plots: Mapping[str, Path] | None = None,
-             check: Callable[[], bool] | None = None) -> StageResult | None:
-    """The result of an earlier run with the same key whose outputs are all still there (and pass `check`)."""
-    path = Path(out_dir) / RECORD
+             check: Callable[[], bool] | None = None, record: str = RECORD) -> StageResult | None:
+    """The result of an earlier run with the same key whose outputs are all still there (and pass `check`).
+
+    `check` verifies what existence cannot (shard sizes, a hash the outputs carry); it runs only when the key
+    matches and every output exists.
+    """
+    path = Path(out_dir) / record
     try:
-        record = json.loads(path.read_text())
+        saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return None
-    if record.get("key") != key or not all(Path(p).exists() for p in outputs.values()):
-        return None
-    if check is not None and not check():
+        saved = None
+    if (saved is None or saved.get("key") != key or not all(Path(p).exists() for p in outputs.values())
+            or (check is not None and not check())):
+        path.unlink(missing_ok=True)
         return None
     log.info("%s already holds the outputs of an identical run; reusing them", out_dir)
     kept = {name: Path(p) for name, p in (plots or {}).items() if Path(p).is_file()}
-    return StageResult(outputs=dict(outputs), metrics=record.get("metrics", {}), samples=record.get("samples", []),
+    return StageResult(outputs=dict(outputs), metrics=saved.get("metrics", {}), samples=saved.get("samples", []),
                        plots=kept)
 
 
-def mark_finished(out_dir: Path, key: str, result: StageResult) -> None:
+def mark_finished(out_dir: Path, key: str, result: StageResult, record: str = RECORD) -> None:
     """Record that `result` is complete under `out_dir`; call it after every output is in place."""
-    write_json(Path(out_dir) / RECORD, {"key": key, "metrics": result.metrics, "samples": result.samples})
+    write_json(Path(out_dir) / record, {"key": key, "metrics": result.metrics, "samples": result.samples})
+
+
+def sizes_match(folder: Path, entries: Iterable[Mapping[str, Any]]) -> bool:
+    """Each {"file", "bytes"} entry of a manifest is there at its recorded size: a cheap `check` for sharded outputs
+    that catches a truncated or deleted shard (the stage reading the shards verifies their sha256)."""
+    for entry in entries:
+        p = Path(folder) / entry["file"]
+        if not p.exists() or p.stat().st_size != entry["bytes"]:
+            return False
+    return True

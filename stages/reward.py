@@ -11,26 +11,18 @@ the same way the PPO stage scores the policy's answers.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from stages import hf_training as hft
+from stages import reuse
 from stages.chat_data import load_preferences, prompt_text, resolve_eval_source, resolve_source
-from stages.common import NullTracker, StageError, StageResult, Tracker, require_path
-from stages.sft import (
-    cached_result,
-    common_training_args,
-    fingerprint,
-    precision_args,
-    save_hf,
-    save_result,
-    tracker_callback,
-)
+from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
 
 
-class Config(BaseModel):
+class Config(hft.ScheduleSettings, hft.DeviceSettings):
     """Reward modeling on (prompt, chosen, rejected) preference pairs."""
 
     model_config = ConfigDict(extra="forbid")
@@ -46,19 +38,11 @@ class Config(BaseModel):
         description="Held-out preference pairs (same formats). Empty = the built-in preferences_eval.jsonl, or the "
         "last 10% of the training pairs when there is none.",
     )
-    # built-in task, tiny preset (init_std 0.1), 200 held-out pairs. 4 epochs at 4e-4 scored 0.835 (1e-4: 0.755,
-    # 2e-4: 0.77; 6 epochs at 2e-4: 0.795) on one pretraining draw; on a later draw that differed only in rounding,
-    # 0.775 (2e-4: 0.78, 6e-4: 0.785, 6 epochs: 0.775): the SFT model it starts from matters as much as the rate.
-    # Before the tiny preset's init change the best was 2e-4 (0.825; 5e-4: 0.78), and 2 epochs at 2e-3 only 0.68: a
-    # high rate wipes out what the SFT model knows.
+    # 4 epochs at 4e-4 score well on the built-in task's held-out pairs; a much higher rate wipes out what the SFT
+    # model knows.
     epochs: float = Field(4.0, gt=0, description="Passes over the training pairs (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Optimizer steps to run; > 0 overrides epochs.")
     learning_rate: float = Field(4e-4, gt=0, description="Peak learning rate (AdamW).")
-    lr_scheduler: str = Field("cosine", description="transformers scheduler name: cosine, linear, constant, ...")
-    warmup_ratio: float = Field(0.05, ge=0, le=1, description="Fraction of steps spent warming up the lr.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(32, ge=1, description="Preference pairs per device per step.")
-    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     max_length: int | None = Field(
         None, ge=8, description="Drop pairs longer than this many tokens; empty = the model's context."
     )
@@ -66,10 +50,6 @@ class Config(BaseModel):
         0.01, ge=0, description="Penalty pulling rewards toward zero mean (keeps PPO's reward scale sane); empty = off."
     )
     seed: int = Field(0, description="Random seed (scalar head init, data order).")
-    device: str = Field("auto", description="'auto' (CUDA if available), 'cpu' or 'cuda[:N]'.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="'auto' = bf16 mixed precision on CUDA GPUs that support it, fp32 on CPU."
-    )
     logging_steps: int = Field(5, ge=1, description="Log training metrics every N steps.")
     eval_batch_size: int = Field(64, ge=1, description="Sequences per batch when scoring held-out pairs.")
     n_samples: int = Field(8, ge=0, description="Rows in the sample table of scored held-out pairs.")
@@ -97,81 +77,75 @@ def pairwise_eval(model: Any, tok: Any, pairs: list[dict], batch_size: int) -> t
     return metrics, rows
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
-    from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, set_seed
-    from trl import RewardConfig, RewardTrainer
-
-    from stages.evaluate import load_tokenizer
-
-    model_dir = require_path(inputs.get("model", ""), "input `model` (the SFT stage's hf folder)")
-    tasks = inputs.get("tasks")
-    tasks_dir = require_path(tasks, "input `tasks`") if tasks is not None else None
-    out_dir = Path(out_dir)
-
+def _pairs(cfg: Config, tasks_dir: Path | None) -> tuple[list[dict], list[dict], list[Any]]:
+    """(train pairs, held-out pairs, their sources); without held-out data the last 10% of the train pairs."""
     train_src = resolve_source(cfg.dataset, tasks_dir, "preferences.jsonl", "reward.dataset")
     train_pairs = load_preferences(train_src)
     eval_src = resolve_eval_source(cfg.eval_dataset, tasks_dir, "preferences_eval.jsonl")
     if eval_src is not None:
-        eval_pairs = load_preferences(eval_src)
-    else:
-        if len(train_pairs) < 2:
-            raise StageError(f"{train_src} has {len(train_pairs)} pair(s); with no eval_dataset at least 2 are "
-                             "needed so some can be held out.")
-        n_eval = max(1, len(train_pairs) // 10)
-        train_pairs, eval_pairs = train_pairs[:-n_eval], train_pairs[-n_eval:]
+        return train_pairs, load_preferences(eval_src), [train_src, eval_src]
+    if len(train_pairs) < 2:
+        raise StageError(f"{train_src} has {len(train_pairs)} pair(s); with no eval_dataset at least 2 are "
+                         "needed so some can be held out.")
+    n_eval = max(1, len(train_pairs) // 10)
+    return train_pairs[:-n_eval], train_pairs[-n_eval:], [train_src, eval_src]
 
-    fp = fingerprint(cfg, {"model": model_dir, "tasks": tasks_dir}, [train_src, eval_src])
-    if (cached := cached_result(out_dir, fp)) is not None:
-        return cached
+
+def _train(cfg: Config, model: Any, tok: Any, pairs: list[dict], where: Any, max_length: int | None, work: Path,
+           prec: dict, tracker: Tracker) -> tuple[Any, float]:
+    """Train the scalar head and body on `pairs` (read from `where`); returns the trainer (its model, its step) and
+    the final loss."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    args = RewardConfig(
+        **hft.common_training_args(work, cfg.seed, cfg.logging_steps), **prec,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_length=max_length, center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True,
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
+                            callbacks=[hft.tracker_callback(tracker)])
+    if len(trainer.train_dataset) == 0:
+        raise StageError(f"every pair in {where} is longer than max_length={args.max_length} tokens; raise it.")
+    return trainer, float(trainer.train().training_loss)
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    from stages.evaluate import load_tokenizer
+
+    model_dir = require_path(inputs.get("model", ""), "input `model` (the SFT stage's hf folder)")
+    tasks_dir = hft.optional_tasks(inputs)
+    out_dir = Path(out_dir)
+    train_pairs, eval_pairs, sources = _pairs(cfg, tasks_dir)
+    key = hft.work_key(cfg, {"model": model_dir, "tasks": tasks_dir}, sources)
+    if (done := hft.finished(out_dir, key)) is not None:
+        return done
 
     tok = load_tokenizer(model_dir, padding_side="right")
-    prec = precision_args(cfg.device, cfg.precision)
+    device = stage_device(cfg.device, "reward.device")
+    prec = hft.precision_args(device, cfg.precision)
     set_seed(cfg.seed)  # the scalar head is freshly initialised
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
     ctx = getattr(model.config, "max_position_embeddings", None)
     if cfg.max_length is not None and ctx is not None and cfg.max_length > ctx:
         raise StageError(f"reward.max_length={cfg.max_length} exceeds the model's context of {ctx} tokens.")
-    if not prec["use_cpu"]:
-        model.to("cuda" if cfg.device == "auto" else cfg.device)
+    model.to(device)
     before, _ = pairwise_eval(model, tok, eval_pairs, cfg.eval_batch_size)
 
-    work = out_dir / ".trainer"
-    args = RewardConfig(
-        **common_training_args(work, cfg.seed, cfg.logging_steps),
-        **prec,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        max_length=cfg.max_length or ctx,
-        center_rewards_coefficient=cfg.center_rewards_coefficient,
-        disable_dropout=True,
-    )
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_pairs),
-        processing_class=tok,
-        callbacks=[tracker_callback(tracker)],
-    )
-    if len(trainer.train_dataset) == 0:
-        raise StageError(f"every pair in {train_src} is longer than max_length={args.max_length} tokens; raise it.")
-    train_out = trainer.train()
+    trainer, loss = _train(cfg, model, tok, train_pairs, sources[0], cfg.max_length or ctx, out_dir / ".trainer",
+                           prec, tracker)
     model = trainer.model
-    model.eval()
-    save_hf(model, tok, out_dir / "hf", model_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    hf = hft.save_trained(model, tok, out_dir, model_dir)
 
     metrics, rows = pairwise_eval(model, tok, eval_pairs, cfg.eval_batch_size)
     metrics["eval/pairwise_accuracy_before"] = before["eval/pairwise_accuracy"]
-    metrics["train/loss_final"] = float(train_out.training_loss)
+    metrics["train/loss_final"] = loss
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
-    result = StageResult(outputs={"hf": out_dir / "hf"}, metrics=metrics, samples=rows[: cfg.n_samples])
-    save_result(out_dir, fp, result)
+    result = StageResult(outputs={"hf": hf}, metrics=metrics, samples=rows[: cfg.n_samples])
+    reuse.mark_finished(out_dir, key, result)
     return result

@@ -3,14 +3,12 @@
 The tokenizer is trained on the train split, streamed from the Parquet shards (capped at `train_max_bytes`).
 Then both splits are encoded in batches (the Rust side of `tokenizers` uses every core), EOS after each
 document, into flat uint16/uint32 shards (llm/data.py documents the format and reads them). Each output folder
-is built under a temporary name and renamed when complete; a rerun with the same corpus and config reuses them.
+is built under a temporary name and renamed when complete; a rerun with the same corpus and config reuses them
+(`stages.reuse`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +22,9 @@ from tqdm.auto import tqdm
 
 from llm import data as token_data
 from llm.tokenizer import SPECIAL_TOKENS, Tokenizer, save_dir, train_bpe
+from stages import common, reuse
 from stages.common import NullTracker, StageError, StageResult, Tracker, atomic_dir, require_path, sha256_tree
-from stages.ingest import DISK_FULL_ERRNOS, disk_full_error, iter_texts, read_manifest
+from stages.corpus_reader import MANIFEST, iter_texts, read_manifest
 
 
 class Config(BaseModel):
@@ -58,28 +57,15 @@ def _train_texts(corpus_dir: Path, manifest: dict, max_bytes: int) -> Iterator[l
         yield take
 
 
-def _fingerprint(cfg: Config, corpus_dir: Path) -> str:
-    h = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
-    h.update((corpus_dir / "manifest.json").read_bytes())
-    h.update(token_data.FORMAT.encode())
-    return h.hexdigest()
-
-
-def _reusable(out_dir: Path, fingerprint: str) -> dict | None:
-    tok_dir, tokens_dir = out_dir / "tokenizer", out_dir / "tokens"
+def _outputs_intact(tok_dir: Path, tokens_dir: Path, key: str) -> bool:
+    """The token shards are whole, were made by this key and with the tokenizer now next to them (a run killed
+    between swapping in the two folders leaves a pair that fails here)."""
     try:
         m = token_data.read_manifest(tokens_dir)
     except token_data.DataError:
-        return None
-    if m.get("input_fingerprint") != fingerprint or not tok_dir.exists():
-        return None
-    if sha256_tree(tok_dir) != m.get("tokenizer_sha256"):
-        return None
-    for s in m["shards"]:
-        p = tokens_dir / s["file"]
-        if not p.exists() or p.stat().st_size != s["bytes"]:
-            return None
-    return m
+        return False
+    return (m.get("input_fingerprint") == key and sha256_tree(tok_dir) == m.get("tokenizer_sha256")
+            and reuse.sizes_match(tokens_dir, m["shards"]))
 
 
 def _encode_split(tok: Tokenizer, corpus_dir: Path, manifest: dict, split: str, writer: token_data.ShardWriter,
@@ -126,28 +112,27 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
         raise StageError(f"the corpus at {corpus_dir} has no train documents; rerun ingest with more data.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer", "tokens"):  # leftovers of a killed run, never under a final name
-        for stale in out_dir.glob(f".{name}.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-    fingerprint = _fingerprint(cfg, corpus_dir)
+    common.remove_stale(out_dir, ("tokenizer", "tokens"))
+    # The corpus manifest carries every shard's sha256, so hashing it stands for hashing the corpus.
+    key = reuse.work_key(cfg, inputs={"corpus": corpus_dir / MANIFEST}, extra={"format": token_data.FORMAT})
     tok_dir, tokens_dir = out_dir / "tokenizer", out_dir / "tokens"
+    outputs = {"tokenizer": tok_dir, "tokens": tokens_dir}
 
-    tm = _reusable(out_dir, fingerprint)
-    if tm is None:
-        try:
-            tm = _build(cfg, corpus_dir, manifest, tok_dir, tokens_dir, fingerprint, tracker)
-        except OSError as e:
-            if e.errno in DISK_FULL_ERRNOS:
-                raise disk_full_error(e, out_dir) from e
-            raise
-    metrics = {k: float(v) for k, v in tm["metrics"].items()}
-    tracker.log_metrics(metrics)
-    return StageResult(outputs={"tokenizer": tok_dir, "tokens": tokens_dir}, metrics=metrics,
-                       samples=tm.get("samples", []))
+    result = reuse.finished(out_dir, key, outputs, check=lambda: _outputs_intact(tok_dir, tokens_dir, key))
+    if result is None:
+        with common.stop_when_disk_full(out_dir):
+            tm, timings = _build(cfg, corpus_dir, manifest, tok_dir, tokens_dir, key, tracker)
+        # The record keeps the manifest's metrics: timings differ between runs and belong to the run that built.
+        reuse.mark_finished(out_dir, key, StageResult(outputs=outputs, metrics=tm["metrics"], samples=tm["samples"]))
+        result = StageResult(outputs=outputs, metrics={**tm["metrics"], **timings}, samples=tm["samples"])
+    result.metrics = {k: float(v) for k, v in result.metrics.items()}
+    tracker.log_metrics(result.metrics)
+    return result
 
 
-def _build(cfg: Config, corpus_dir: Path, manifest: dict, tok_dir: Path, tokens_dir: Path, fingerprint: str,
-           tracker: Tracker) -> dict[str, Any]:
+def _build(cfg: Config, corpus_dir: Path, manifest: dict, tok_dir: Path, tokens_dir: Path, key: str,
+           tracker: Tracker) -> tuple[dict[str, Any], dict[str, float]]:
+    """Train and encode; returns the tokens manifest and the timings (kept out of it so reruns are byte-identical)."""
     t0 = time.perf_counter()
     train_bytes = manifest["text_bytes"]["train"]
     hf = train_bpe(_train_texts(corpus_dir, manifest, cfg.train_max_bytes), cfg.vocab_size, cfg.min_frequency,
@@ -187,7 +172,6 @@ def _build(cfg: Config, corpus_dir: Path, manifest: dict, tok_dir: Path, tokens_
             "tokens/val": splits["val"]["tokens"],
             "tokenizer/train_mb": min(train_bytes, cfg.train_max_bytes) / 1e6,
         }
-        # Timings stay out of the manifest so that reruns are byte-identical.
         timings = {"tokenizer/train_seconds": train_s, "encode/tokens_per_s": n_tokens / max(encode_s, 1e-9)}
         samples = _samples(tok, corpus_dir, manifest)
         token_data.write_manifest(tmp, {
@@ -197,15 +181,13 @@ def _build(cfg: Config, corpus_dir: Path, manifest: dict, tok_dir: Path, tokens_
             "bos_id": tok.bos_id,
             "pad_id": tok.pad_id,
             "tokenizer_sha256": tok_sha,
-            "input_fingerprint": fingerprint,
+            "input_fingerprint": key,
             "shards": shards,
             "splits": splits,
             "metrics": metrics,
             "samples": samples,
         })
-    manifest_out = token_data.read_manifest(tokens_dir)
-    manifest_out["metrics"] = {**manifest_out["metrics"], **timings}
-    return manifest_out
+    return token_data.read_manifest(tokens_dir), timings
 
 
 def _samples(tok: Tokenizer, corpus_dir: Path, manifest: dict, n: int = 5) -> list[dict[str, Any]]:

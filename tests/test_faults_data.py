@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm import data
-from stages import ingest
+from stages import corpus_reader, ingest, readers
 from stages import tokenizer as tok_stage
 from stages.common import StageError, sha256_tree
 
@@ -169,7 +169,7 @@ def test_real_full_disk_tmpfs(tmp_path):
         with pytest.raises(StageError, match="disk full"):
             ingest.run(ingest.Config(sources=[builtin(20000)], compression_level=1), None, mnt)
         assert sha256_tree(first.outputs["corpus"]) == before
-        ingest.read_manifest(first.outputs["corpus"])  # verifies every shard's sha256
+        corpus_reader.read_manifest(first.outputs["corpus"])  # verifies every shard's sha256
         assert not list(mnt.glob(".corpus*"))
 
 
@@ -178,7 +178,7 @@ def test_real_full_disk_tmpfs(tmp_path):
 _INGEST_SCRIPT = """
 import sys
 from pathlib import Path
-from stages import ingest
+from stages import corpus_reader, ingest, readers
 cfg = ingest.Config.model_validate_json(sys.argv[1])
 ingest.run(cfg, None, Path(sys.argv[2]))
 """
@@ -207,8 +207,8 @@ def test_kill_9_during_ingestion_then_rerun_equals_clean_run(tmp_path):
 
     resumed = ingest.run(cfg, None, killed)
     clean = ingest.run(cfg, None, tmp_path / "clean")
-    got = ingest.read_manifest(resumed.outputs["corpus"])
-    want = ingest.read_manifest(clean.outputs["corpus"])
+    got = corpus_reader.read_manifest(resumed.outputs["corpus"])
+    want = corpus_reader.read_manifest(clean.outputs["corpus"])
     assert [(s["file"], s["rows"], s["sha256"]) for s in got["shards"]] == \
         [(s["file"], s["rows"], s["sha256"]) for s in want["shards"]]
     assert len(got["shards"]) > 3
@@ -238,7 +238,7 @@ def test_binary_garbage(tmp_path):
     assert not (tmp_path / "strict" / "corpus").exists()
     res = ingest.run(_files_cfg(good, garbage, max_bad_fraction=1.0), None, tmp_path / "lenient")
     assert res.metrics["dropped/invalid_utf8"] > 100 and res.metrics["bad_records"] >= 100
-    kept = [t for b in ingest.iter_texts(res.outputs["corpus"]) for t in b]
+    kept = [t for b in corpus_reader.iter_texts(res.outputs["corpus"]) for t in b]
     assert kept[:100] == [f"good line number {i}" for i in range(100)]
 
 
@@ -271,7 +271,7 @@ def test_100mb_single_line_is_dropped_in_bounded_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert res.metrics["dropped/too_long"] == 1
-    assert [t for b in ingest.iter_texts(res.outputs["corpus"]) for t in b] == ["before", "after"]
+    assert [t for b in corpus_reader.iter_texts(res.outputs["corpus"]) for t in b] == ["before", "after"]
     assert peak < 24 * (1 << 20), f"peak Python memory {peak / 2**20:.0f} MiB: the long line was buffered"
 
 
@@ -319,7 +319,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, *a, **k)
 
-    monkeypatch.setattr(ingest, "open", guarded_open, raising=False)
+    monkeypatch.setattr(readers, "open", guarded_open, raising=False)
     with pytest.raises(StageError, match=r"locked\.txt.*unreadable"):
         ingest.run(_files_cfg(locked), None, tmp_path / "out")
     res = ingest.run(_files_cfg(good, locked), None, tmp_path / "out")  # 1 bad record in 5001: quarantined

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import ingest
+from stages import cleaning, corpus_reader, ingest
 from stages.common import StageError, sha256_file
 
 
@@ -15,13 +15,13 @@ def small_builtin(**kw):
 
 
 def rows(corpus_dir, split=None):
-    return [t for b in ingest.iter_texts(corpus_dir, split) for t in b]
+    return [t for b in corpus_reader.iter_texts(corpus_dir, split) for t in b]
 
 
 def test_builtin_source(tmp_path):
     res = ingest.run(ingest.Config(sources=[small_builtin()], val_fraction=0.1), None, tmp_path)
     corpus_dir, tasks = res.outputs["corpus"], res.outputs["tasks"]
-    m = ingest.read_manifest(corpus_dir)
+    m = corpus_reader.read_manifest(corpus_dir)
     assert m["rows"]["train"] + m["rows"]["val"] == 400 == res.metrics["rows"]
     assert 10 <= m["rows"]["val"] <= 80
     for s in m["shards"]:
@@ -97,7 +97,7 @@ def test_split_is_by_content_hash(tmp_path):
 def test_shards_are_bounded(tmp_path):
     cfg = ingest.Config(sources=[small_builtin()], shard_max_bytes=20_000, row_group_bytes=5_000, val_fraction=0.0)
     res = ingest.run(cfg, None, tmp_path)
-    m = ingest.read_manifest(res.outputs["corpus"])
+    m = corpus_reader.read_manifest(res.outputs["corpus"])
     assert len(m["shards"]) >= 4
     assert all(s["text_bytes"] < 20_000 + 2_000 for s in m["shards"])
     assert [s["file"] for s in m["shards"]][:2] == ["train-00000.parquet", "train-00001.parquet"]
@@ -157,19 +157,19 @@ def test_config_errors(tmp_path):
 
 
 def test_clean_text():
-    assert ingest.clean_text(" a\r\nb\rc\x00\x1b[0m\u0085 ") == "a\nb\nc[0m"
-    assert ingest.clean_text("e\u0301") == "\u00e9"
-    assert ingest.clean_text("\ufb01", "NFKC") == "fi" and ingest.clean_text("\ufb01") == "\ufb01"
-    assert ingest.clean_text("tab\tkept\nnewline") == "tab\tkept\nnewline"
+    assert cleaning.clean_text(" a\r\nb\rc\x00\x1b[0m\u0085 ") == "a\nb\nc[0m"
+    assert cleaning.clean_text("e\u0301") == "\u00e9"
+    assert cleaning.clean_text("\ufb01", "NFKC") == "fi" and cleaning.clean_text("\ufb01") == "\ufb01"
+    assert cleaning.clean_text("tab\tkept\nnewline") == "tab\tkept\nnewline"
 
 
 def test_clean_batch_matches_clean_text_on_sliced_arrays():
     texts = ["plain ascii", " caf\u00e9 ", "a\r\nb", "x\x00y", "", "e\u0301t\u00e9", "\u0085nel", "tab\tok", "日本\r"]
     arr = pa.array(["junk"] * 3 + texts + ["junk"], pa.string()).slice(3, len(texts))
-    assert ingest.clean_batch(arr).to_pylist() == [ingest.clean_text(t) for t in texts]
-    assert ingest.clean_batch(arr).to_pylist()[:4] == ["plain ascii", "caf\u00e9", "a\nb", "xy"]
+    assert cleaning.clean_batch(arr).to_pylist() == [cleaning.clean_text(t) for t in texts]
+    assert cleaning.clean_batch(arr).to_pylist()[:4] == ["plain ascii", "caf\u00e9", "a\nb", "xy"]
     spaces = pa.array(["\u3000wide\u00a0", "   ", "\n\tx\n", "inner  space", "é", "", "ok "])
-    assert ingest.clean_batch(spaces).to_pylist() == ["wide", "", "x", "inner  space", "é", "", "ok"]
+    assert cleaning.clean_batch(spaces).to_pylist() == ["wide", "", "x", "inner  space", "é", "", "ok"]
 
 
 def test_changing_only_task_sizes_keeps_the_corpus(tmp_path):

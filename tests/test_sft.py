@@ -8,7 +8,7 @@ import pytest
 import torch
 from posttrain_helpers import make_model, make_tasks, make_tokenizer
 
-from stages import sft
+from stages import hf_training, sft
 from stages.common import ListTracker, StageError
 
 
@@ -66,7 +66,7 @@ def test_assistant_only_loss_masks_exactly_the_assistant_tokens(setup, tmp_path)
                       {"role": "user", "content": "And 4 plus 4?"}, {"role": "assistant", "content": "8"})
     rows = [{"messages": [u1, a1]}, {"messages": [u1, a1, u2, a2]}]
     trainer = sft.build_trainer(sft.Config(), model, tok, rows, None, tmp_path / "w", 128,
-                                sft.precision_args("cpu", "auto"))
+                                hf_training.precision_args("cpu", "auto"))
     for row, ex in zip(rows, trainer.train_dataset, strict=True):
         msgs = row["messages"]
         ids = _chat_ids(tok, msgs)
@@ -94,7 +94,7 @@ def test_lora_merge_gives_the_adapter_models_logits(setup):
     with torch.no_grad():
         adapter_logits = peft_model(input_ids=ids).logits
         plain = AutoModelForCausalLM.from_pretrained(str(root / "base"))(input_ids=ids).logits
-        merged = sft.merge_lora(peft_model)
+        merged = hf_training.merge_lora(peft_model)
         merged_logits = merged(input_ids=ids).logits
     assert not torch.allclose(adapter_logits, plain, atol=1e-3), "the adapter must change the output"
     assert type(merged).__name__ == "LlamaForCausalLM"

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from llm.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, save_dir, train_bpe
-from stages import corpus, ingest
+from stages import corpus, corpus_reader, ingest
 from stages import tokenizer as tok_stage
 from stages.common import StageError, sha256_tree
 
@@ -171,7 +171,7 @@ def test_stage_outputs_and_metrics(corpus_dir, tmp_path):
     import numpy as np
 
     val = np.fromfile(tokens / "val-00000.bin", dtype=np.uint16)
-    texts = [x for b in ingest.iter_texts(corpus_dir, "val") for x in b]
+    texts = [x for b in corpus_reader.iter_texts(corpus_dir, "val") for x in b]
     expected = [i for x in texts for i in t.encode(x) + [t.eos_id]]
     assert val.tolist() == expected
     assert m["splits"]["val"]["text_bytes"] == sum(len(x.encode()) for x in texts)
