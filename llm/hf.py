@@ -17,12 +17,13 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from llm.checkpoint import TOKENIZER_DIR, atomic_output_dir, load_model
+from llm.checkpoint import CONFIG, FORMAT, TOKENIZER_DIR, load_model
 from llm.config import ModelConfig
+from llm.files import atomic_dir
 from llm.layers import DecoderLM
 from llm.model import build_model
+from llm.tokenizer import TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 SPECIAL = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>"}
 
 
@@ -164,7 +165,7 @@ def export_hf(model_or_dir: DecoderLM | str | Path, out_dir: str | Path,
     hf_cfg = _hf_config(cfg, ids, dtype)
     hf_cfg.architectures = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[cfg.family]
                             if not cfg.use_mla else "DeepseekV3ForCausalLM"]
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_cfg.save_pretrained(tmp)
         GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]).save_pretrained(tmp)
@@ -330,3 +331,19 @@ def import_hf(hf_dir: str | Path, device: str | torch.device = "cpu",
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not map onto {cfg.family} (missing {missing}, unexpected {unexpected})")
     return model.to(device=device, dtype=dtype).eval(), cfg
+
+
+def load_any(dir: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> tuple[DecoderLM, ModelConfig]:
+    """Load our checkpoint folder or a transformers folder (GPT2 / Llama / dense DeepseekV3), whichever `dir` is."""
+    path = Path(dir)
+    cfg_file = path / CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: expected a checkpoint folder or a transformers model folder")
+    try:
+        is_ours = json.loads(cfg_file.read_text()).get("format") == FORMAT
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+    if is_ours:
+        return load_model(path, device=device, dtype=dtype)
+    return import_hf(path, device=device, dtype=dtype or torch.float32)

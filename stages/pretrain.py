@@ -158,6 +158,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
 
     from llm import distributed as D
     from llm import train as T
+    from llm.device import resolve_device
     from llm.data import DataError, PretrainLoader, data_fingerprint, eval_batches, read_manifest
     from llm.tokenizer import Tokenizer
     from llm.utils import on_off_auto
@@ -201,7 +202,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
             compile=on_off_auto(cfg.compile), parallel=cfg.parallel, seed=cfg.seed,
             fused_loss=on_off_auto(cfg.fused_loss), loss_kernel=on_off_auto(cfg.loss_kernel),
         )
-        device = T.resolve_device(cfg.device)
+        device = resolve_device(cfg.device, "TrainConfig.device")
         T.check_loss_kernel(tcfg, device)
         info = D.init_distributed(device.type)
         tcfg.grad_accum_steps(info.world_size)
