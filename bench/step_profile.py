@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="model preset (default tiny with --quick or on CPU, gpt2-124m on CUDA)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 128 on CPU, 1024 on CUDA)")
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (default 8 on CPU, 16 on CUDA)")
-    parser.add_argument("--chunk", type=int, default=None, help="fused loss: tokens per chunk (default: llm.train's)")
+    parser.add_argument("--chunk", type=int, default=None, help="fused loss: tokens per chunk (default: TrainConfig.loss_chunk_tokens)")
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     add_loss_args(parser)
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
