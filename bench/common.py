@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from llm.device import resolve_device
+
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes: finishes in under a minute on 2 CPU cores")
@@ -19,32 +21,54 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
 
 
+def add_repeat_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """--quick, --json and --repeats of the benches that time our stage against a baseline, best of N runs."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per side; the best is kept")
+
+
 def add_loss_args(parser: argparse.ArgumentParser) -> None:
-    """--fused-loss and --ce-kernel, as the training benches share them."""
+    """--fused-loss and --loss-kernel, as the training benches share them."""
     parser.add_argument("--fused-loss", default="auto", choices=("auto", "on", "off"),
                         help="our chunked LM head + cross-entropy (auto: on, as in llm.train)")
-    parser.add_argument("--ce-kernel", default="auto", choices=("auto", "on", "off"),
+    parser.add_argument("--loss-kernel", default="auto", choices=("auto", "on", "off"),
                         help="fused loss: llm.kernels' Triton softmax-gradient kernel (auto: where it can run, i.e. "
                         "CUDA with Triton)")
 
 
 def check_loss_args(parser: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device) -> bool:
-    """Whether the fused loss is on; a usage error when --ce-kernel on names a device the kernel cannot run on."""
+    """Whether the fused loss is on; a usage error when --loss-kernel on names a device the kernel cannot run on."""
     from llm import kernels as K
 
     fused = args.fused_loss != "off"
-    if fused and args.ce_kernel == "on" and not K.available(device):
-        parser.error(f"--ce-kernel on: the Triton kernel cannot run on {device} (needs CUDA + triton, or "
-                     "TRITON_INTERPRET=1 on CPU); use --ce-kernel auto or off")
+    if fused and args.loss_kernel == "on" and not K.available(device):
+        parser.error(f"--loss-kernel on: the Triton kernel cannot run on {device} (needs CUDA + triton, or "
+                     "TRITON_INTERPRET=1 on CPU); use --loss-kernel auto or off")
     return fused
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    return torch.device(name)
+    """--device as llm.device resolves it; a name that cannot be used here ends the bench with the reason."""
+    try:
+        return resolve_device(name, "--device")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int,
+              after: Callable[[str], Any] | None = None) -> dict[str, float]:
+    """Best wall time per function; the sides alternate so that load from other processes hits both alike.
+    `after(name)` runs untimed after each call (e.g. to remove what it wrote)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+            if after is not None:
+                after(name)
+    return {k: min(v) for k, v in times.items()}
 
 
 def sync(device: torch.device) -> None:

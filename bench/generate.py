@@ -1,37 +1,29 @@
 """Generation speed: llm.generate vs transformers' generate() on the same (exported) weights.
 
 Greedy, same prompts, batch 1 and 8, 128 new tokens (no early EOS). Prints tokens/s of both and the ratio.
-  python bench/generate.py --quick              # CPU, tiny model, < 1 minute on 2 cores
-  python bench/generate.py                      # CPU, gpt2-124m
-  python bench/generate.py --device cuda        # bf16, compiled static cache (CUDA graphs) vs HF generate()
+  python -m bench.generate --quick              # CPU, tiny model, < 1 minute on 2 cores
+  python -m bench.generate                      # CPU, gpt2-124m
+  python -m bench.generate --device cuda        # bf16, compiled static cache (CUDA graphs) vs HF generate()
 `--json`: the last line is one JSON object; `ratio` is the smallest ratio over the batch sizes.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import functools
+import tempfile
+import warnings
 from pathlib import Path
 
-# `python bench/generate.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow the standard
-# library's tokenize module (imported by torch); run from the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import torch
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import tempfile  # noqa: E402
-import warnings  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench.common import add_common_args, device_name, emit, interleaved, pick_device, sync  # noqa: E402
-from llm.config import PRESETS, get_config  # noqa: E402
-from llm.generate import generate  # noqa: E402
-from llm.hf import export_hf  # noqa: E402
-from llm.model import build_model  # noqa: E402
-from llm.train import allow_tf32  # noqa: E402
-from llm.utils import on_off_auto  # noqa: E402
+from bench.common import add_common_args, device_name, emit, interleaved, pick_device, sync
+from llm.config import PRESETS, get_config
+from llm.device import allow_tf32
+from llm.generate import generate
+from llm.hf import export_hf
+from llm.model import build_model
+from llm.utils import on_off_auto
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,13 +22,13 @@ step() {  # step NAME SECONDS CMD...
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 # fresh machine: each step compiles first (about 25 s per model and side), so the limits include that
-step kernels         ${T_KERNELS:-60}  python bench/kernels.py --device cuda --json
-step pretrain_gpt2   ${T_GPT2:-150}    python bench/pretrain.py --device cuda --json --presets gpt2-124m --compile on
-step pretrain_b32a4  ${T_B32A4:-150}   python bench/pretrain.py --device cuda --json --presets gpt2-124m --compile on --batch 32 --accum 4 --repeats 5
-step pretrain_llama  ${T_LLAMA:-150}   python bench/pretrain.py --device cuda --json --presets llama-124m --compile on
-step profile         ${T_PROFILE:-70}  python bench/profile.py --device cuda --json --top 25
-step loop            ${T_LOOP:-70}     python bench/loop.py --device cuda --json
-step generate        ${T_GENERATE:-80} python bench/generate.py --device cuda --json
-step pretrain_eager  ${T_EAGER:-90}    python bench/pretrain.py --device cuda --json --compile off
-step profile_nokern  ${T_NOKERN:-70}   python bench/profile.py --device cuda --json --ce-kernel off --top 25
+step kernels         ${T_KERNELS:-60}  python -m bench.kernels --device cuda --json
+step pretrain_gpt2   ${T_GPT2:-150}    python -m bench.pretrain --device cuda --json --presets gpt2-124m --compile on
+step pretrain_b32a4  ${T_B32A4:-150}   python -m bench.pretrain --device cuda --json --presets gpt2-124m --compile on --batch 32 --accum 4 --repeats 5
+step pretrain_llama  ${T_LLAMA:-150}   python -m bench.pretrain --device cuda --json --presets llama-124m --compile on
+step profile         ${T_PROFILE:-70}  python -m bench.step_profile --device cuda --json --top 25
+step loop            ${T_LOOP:-70}     python -m bench.loop --device cuda --json
+step generate        ${T_GENERATE:-80} python -m bench.generate --device cuda --json
+step pretrain_eager  ${T_EAGER:-90}    python -m bench.pretrain --device cuda --json --compile off
+step profile_nokern  ${T_NOKERN:-70}   python -m bench.step_profile --device cuda --json --loss-kernel off --top 25
 echo "== done $(date +%T)" | tee -a "$OUT/log.txt"

@@ -1,7 +1,7 @@
 """Ingestion throughput: our `ingest` stage (cleaning + dedup + split on) against a plain pyarrow read-and-write
 of the same Parquet files (the floor any Parquet-to-Parquet step pays). Target ratio >= 0.5.
 
-    python bench/ingest.py [--quick] [--json] [--mb 64] [--repeats 3]
+    python -m bench.ingest [--quick] [--json] [--mb 64] [--repeats 3]
 
 Prints MB/s of document text for both and the ratio ours/baseline; with --json the last line is one JSON object.
 """
@@ -9,21 +9,20 @@ Prints MB/s of document text for both and the ratio ours/baseline; with --json t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress bars would skew the timing
 
-from stages import corpus, ingest  # noqa: E402
+from bench.common import add_repeat_args, alternate
+from stages import corpus, ingest
 
 
 def make_inputs(folder: Path, target_mb: float, doc_bytes: int = 2000, n_files: int = 4) -> tuple[list[Path], int]:
@@ -64,25 +63,17 @@ def ours(files: list[Path], out: Path) -> None:
 
 
 def best_times(files: list[Path], work: Path, repeats: int) -> tuple[float, float]:
-    """Best wall time of each side; the sides alternate so that load from other processes hits both alike."""
-    times: dict[str, list[float]] = {"baseline": [], "ours": []}
-    for r in range(repeats):
-        for fn in (baseline, ours):
-            out = work / f"run-{fn.__name__}-{r}"
-            t0 = time.perf_counter()
-            fn(files, out)
-            times[fn.__name__].append(time.perf_counter() - t0)
-            shutil.rmtree(out, ignore_errors=True)
-    return min(times["baseline"]), min(times["ours"])
+    """Best wall time of each side, each writing a fresh folder (removed untimed after the call)."""
+    fns = {fn.__name__: functools.partial(fn, files, work / f"run-{fn.__name__}") for fn in (baseline, ours)}
+    best = alternate(fns, repeats, after=lambda name: shutil.rmtree(work / f"run-{name}", ignore_errors=True))
+    return best["baseline"], best["ours"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small input (~16 MB), 3 repeats: under a minute on 2 cores")
-    ap.add_argument("--json", action="store_true", help="end with one JSON line")
+    add_repeat_args(ap, "small input (~16 MB), 3 repeats: under a minute on 2 cores")
     ap.add_argument("--mb", type=float, default=None, help="MB of input text (default 64, 16 with --quick)")
     ap.add_argument("--doc-bytes", type=int, default=2000, help="approximate document size (web text: ~2-5 KB)")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per side; the best is kept")
     args = ap.parse_args()
     mb = args.mb or (16 if args.quick else 64)
     repeats = args.repeats or (3 if args.quick else 5)

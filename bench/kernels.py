@@ -1,28 +1,21 @@
 """llm/kernels.py's loss kernel on its own: checked against torch's cross-entropy, then timed against the same
 math as torch ops compiled by torch.compile (what the fused loss ran before the kernel), on one chunk of logits.
-  python bench/kernels.py --device cuda            # GPT-2 head: 4096 rows x 50304 (50257 real) bf16 logits
-  TRITON_INTERPRET=1 python bench/kernels.py --quick   # CPU, small sizes, correctness only (the interpreter is slow)
+  python -m bench.kernels --device cuda            # GPT-2 head: 4096 rows x 50304 (50257 real) bf16 logits
+  TRITON_INTERPRET=1 python -m bench.kernels --quick   # CPU, small sizes, correctness only (the interpreter is slow)
 `--json`: the last line is one JSON object with `ratio` (torch.compile'd ops time / kernel time).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import statistics
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import add_common_args, device_name, emit, pick_device, time_call  # noqa: E402
-from llm import kernels as K  # noqa: E402
-from llm.train import linear_cross_entropy  # noqa: E402
+from bench.common import add_common_args, device_name, emit, pick_device, time_call
+from llm import kernels as K
+from llm.loss import linear_cross_entropy
 
 
 def torch_ce_grad(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, vocab: int):

@@ -3,31 +3,24 @@
 bench/pretrain.py times a bare step (forward, backward, clip, AdamW); this runs the whole loop (LR schedule,
 non-finite checks, metrics, progress) on a few fixed random batches, so its tokens/s next to the bare step's shows
 what the loop costs, and the loss falling on data it sees again shows the step really trains.
-  python bench/loop.py --quick            # CPU, tiny preset
-  python bench/loop.py --device cuda      # gpt2-124m, seq 1024, micro-batch 16, bf16, torch.compile
+  python -m bench.loop --quick            # CPU, tiny preset
+  python -m bench.loop --device cuda      # gpt2-124m, seq 1024, micro-batch 16, bf16, torch.compile
 `--json`: the last line is one JSON object (median tokens/s and MFU over the steps after the first `--skip`).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import statistics
+import time
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import torch
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench.common import add_common_args, device_name, emit, pick_device  # noqa: E402
-from llm.config import PRESETS, get_config  # noqa: E402
-from llm.model import build_model  # noqa: E402
-from llm.train import TrainConfig, train  # noqa: E402
-from llm.utils import on_off_auto  # noqa: E402
+from bench.common import add_common_args, device_name, emit, pick_device
+from llm.config import PRESETS, get_config
+from llm.model import build_model
+from llm.train import TrainConfig, train
+from llm.utils import on_off_auto
 
 
 class FixedBatches:

@@ -1,6 +1,6 @@
 """Orchestration overhead: the tiny pipeline through Prefect + MLflow vs the same stage functions called directly.
 
-    .venv/bin/python bench/pipeline.py [--config configs/tiny.yaml] [--set section.key=value ...] [--quick] [--json]
+    .venv/bin/python -m bench.pipeline [--config configs/tiny.yaml] [--set section.key=value ...] [--quick] [--json]
 
 Both sides run the same stage configs in fresh folders, in one process, after every module is imported. The
 orchestrated side includes what a user pays: the Prefect ephemeral server start, MLflow runs, parameter/metric
@@ -14,14 +14,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 

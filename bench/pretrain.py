@@ -3,34 +3,25 @@
 Each side trains the same weights (ours exported with llm.hf.export_hf, loaded by AutoModelForCausalLM) at the
 same sequence length, micro-batch and precision, with fused AdamW; forward + backward + optimizer step, timed
 interleaved (A B A B ...) so load drift hits both alike. Reports tokens/s, ms/step, peak memory and MFU (CUDA).
-  python bench/pretrain.py --quick          # CPU, tiny presets, fp32, eager: < 1 minute on 2 cores
-  python bench/pretrain.py --device cuda    # GPT-2 124M + llama-124m, seq 1024, bf16, eager and torch.compile
+  python -m bench.pretrain --quick          # CPU, tiny presets, fp32, eager: < 1 minute on 2 cores
+  python -m bench.pretrain --device cuda    # GPT-2 124M + llama-124m, seq 1024, bf16, eager and torch.compile
 `--json`: the last line is one JSON object; `ratio` = the smallest ours/transformers tokens/s ratio over the
 families, in the headline mode (compiled on CUDA, eager on CPU).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import contextlib
+import gc
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
 
-# `python bench/pretrain.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow the standard
-# library's tokenize module; use the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import torch
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     add_common_args,
     add_loss_args,
     check_loss_args,
@@ -40,12 +31,13 @@ from bench.common import (  # noqa: E402
     pick_device,
     sync,
 )
-from llm.config import PRESETS, get_config  # noqa: E402
-from llm.hf import export_hf  # noqa: E402
-from llm.model import build_model  # noqa: E402
-from llm.optim import build_adamw  # noqa: E402
-from llm.train import FusedLossLM, allow_tf32, autocast_for, peak_flops  # noqa: E402
-from llm.utils import flops_per_token, on_off_auto  # noqa: E402
+from llm.config import PRESETS, get_config
+from llm.device import allow_tf32, autocast_for, peak_flops
+from llm.hf import export_hf
+from llm.loss import FusedLossLM
+from llm.model import build_model
+from llm.optim import build_adamw
+from llm.utils import flops_per_token, on_off_auto
 
 
 def make_step(loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -79,7 +71,7 @@ def peak_memory(step: Callable[[], float], device: torch.device) -> float | None
 
 
 def build_pair(preset: str, device: torch.device, compile_: bool, fused: bool, vocab: int | None, seq: int,
-               ce_kernel: bool | str = "auto"):
+               loss_kernel: bool | str = "auto"):
     """(ours, transformers) models with identical weights, each with its own fused AdamW."""
     from transformers import AutoModelForCausalLM
 
@@ -98,7 +90,7 @@ def build_pair(preset: str, device: torch.device, compile_: bool, fused: bool, v
     # the same optimizer on both sides: fused AdamW (one kernel over all parameters; CPU has one too)
     opt_ours = build_adamw(ours, 3e-4, 0.1, fused=True)
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
-    trained = FusedLossLM(ours, kernel=ce_kernel) if fused else ours
+    trained = FusedLossLM(ours, kernel=loss_kernel) if fused else ours
     run_ours, run_hf = trained, hf
     if compile_:
         run_ours, run_hf = torch.compile(trained), torch.compile(hf)
@@ -110,7 +102,7 @@ def bench_family(preset: str, device: torch.device, args, compile_: bool) -> dic
     seq, batch = args.seq, args.batch
     fused = args.fused_loss != "off"
     cfg, (ours, run_ours, opt_ours), (hf, run_hf, opt_hf) = build_pair(preset, device, compile_, fused, args.vocab,
-                                                                       seq, on_off_auto(args.ce_kernel))
+                                                                       seq, on_off_auto(args.loss_kernel))
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(device)
     inp, tgt = x[:, :-1], x[:, 1:]

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from llm.checkpoint import TOKENIZER_DIR, load_any
+from llm.checkpoint import TOKENIZER_DIR
+from llm.device import resolve_device
+from llm.hf import load_any
 from llm.utils import on_off_auto
 
 ResolveRef = Callable[[str], Path]
@@ -51,19 +53,17 @@ def tokenizer_folder(model_dir: Path) -> Path | None:
     return None
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def cmd_generate(args: argparse.Namespace, resolve_ref: ResolveRef) -> int:
     from llm.generate import stream
 
     folder = resolve_ref(args.model)
-    device = _device(args.device)
+    try:
+        device = resolve_device(args.device, "--device")
+    except ValueError as e:
+        print(f"llm-pipeline generate: error: {e}", file=sys.stderr)
+        return 2
     model, cfg = load_any(folder, device=device)
-    if device == "cuda":
+    if device.type == "cuda":
         model = model.to(torch.bfloat16)
     tok_dir = tokenizer_folder(folder)
     if tok_dir is None:

@@ -48,6 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from llm.files import sha256_file
+
 FORMAT = "llm-pipeline.tokens/1"
 MANIFEST = "manifest.json"
 
@@ -58,14 +60,6 @@ class DataError(ValueError):
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -150,7 +144,7 @@ def data_fingerprint(tokens_dir: str | Path) -> str:
     path = Path(tokens_dir) / MANIFEST
     if not path.exists():
         raise DataError(f"{path} does not exist; pass the `tokens` output of the tokenizer stage.")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 # Shards already hashed by this process, keyed by identity: an eval loop re-opening the val split every few
@@ -176,7 +170,7 @@ def verify_shards(tokens_dir: str | Path, manifest: dict | None = None, split: s
         key = (str(p.resolve()), st.st_size, st.st_mtime_ns, s["sha256"])
         if key in _verified:
             continue
-        if _sha256(p) != s["sha256"]:
+        if sha256_file(p) != s["sha256"]:
             raise DataError(f"token shard {p} is corrupt (sha256 differs from {folder / MANIFEST}); "
                             f"rerun the tokenizer stage.")
         if time.time_ns() - st.st_mtime_ns > 2_000_000_000:  # a rewrite within the same coarse mtime tick

@@ -17,12 +17,13 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from llm.checkpoint import TOKENIZER_DIR, atomic_output_dir, load_model
+from llm.checkpoint import CONFIG, FORMAT, TOKENIZER_DIR, load_model
 from llm.config import ModelConfig
+from llm.files import atomic_dir
 from llm.layers import DecoderLM
 from llm.model import build_model
+from llm.tokenizer import TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 SPECIAL = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>"}
 
 
@@ -164,7 +165,7 @@ def export_hf(model_or_dir: DecoderLM | str | Path, out_dir: str | Path,
     hf_cfg = _hf_config(cfg, ids, dtype)
     hf_cfg.architectures = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[cfg.family]
                             if not cfg.use_mla else "DeepseekV3ForCausalLM"]
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_cfg.save_pretrained(tmp)
         GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]).save_pretrained(tmp)
@@ -245,88 +246,122 @@ def import_hf(hf_dir: str | Path, device: str | torch.device = "cpu",
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: {path} is not a transformers model folder")
     c = json.loads(cfg_file.read_text())
-    cfg = _config_from_hf(c, cfg_file)
-    ours_file = path / "llm_config.json"  # written by export_hf: fields HF has no slot for (padding, init, ...)
-    if ours_file.is_file():
-        ours = ModelConfig.from_dict(json.loads(ours_file.read_text()))
-        # trust it only while it still describes these weights (a later stage may have changed the HF model)
-        same = ("family", "vocab_size", "max_seq_len", "n_layer", "n_heads", "n_embd", "n_kv_heads", "mlp_hidden",
-                "rope_theta", "norm_eps", "tie_embeddings", "use_mla", "kv_lora_rank", "q_lora_rank",
-                "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
-        if all(getattr(ours, f) == getattr(cfg, f) for f in same):
-            cfg = ours
+    cfg = _import_config(path, _config_from_hf(c, cfg_file))
     w = _read_hf_weights(path)
-    sd: dict[str, Tensor] = {}
-    V = cfg.vocab_size
-
-    def emb(t: Tensor) -> Tensor:  # pad the vocab rows with zeros
-        out = torch.zeros(cfg.padded_vocab_size, t.shape[1], dtype=t.dtype)
-        out[: t.shape[0]] = t[:V]
-        return out
-
     if cfg.family == "gpt2":
-        if not cfg.bias and any(t.count_nonzero() for k, t in w.items() if k.endswith(".bias")):
-            cfg = cfg.replace(bias=True)  # HF GPT-2 always trains biases
-        sd["tok_emb.weight"], sd["pos_emb.weight"] = emb(w["transformer.wte.weight"]), w["transformer.wpe.weight"]
-        sd["norm_f.weight"] = w["transformer.ln_f.weight"]
-        if cfg.bias:
-            sd["norm_f.bias"] = w["transformer.ln_f.bias"]
-        for i in range(cfg.n_layer):
-            o, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for hf, ours, conv in (("ln_1", "norm1", False), ("ln_2", "norm2", False), ("attn.c_attn", "attn.qkv", True),
-                                   ("attn.c_proj", "attn.proj", True), ("mlp.c_fc", "mlp.fc", True),
-                                   ("mlp.c_proj", "mlp.proj", True)):
-                sd[o + ours + ".weight"] = w[h + hf + ".weight"].t() if conv else w[h + hf + ".weight"]
-                if cfg.bias:
-                    sd[o + ours + ".bias"] = w[h + hf + ".bias"]
-                else:
-                    _must_be_zero(w[h + hf + ".bias"], h + hf + ".bias")
-        head = "lm_head.weight"
+        cfg, sd = _gpt2_from_hf(cfg, w)
     else:
-        sd["tok_emb.weight"], sd["norm_f.weight"] = emb(w["model.embed_tokens.weight"]), w["model.norm.weight"]
-        interleaved = bool(c.get("rope_interleave", True)) and cfg.use_mla
-        for i in range(cfg.n_layer):
-            o, h = f"blocks.{i}.", f"model.layers.{i}."
-            a, s = o + "attn.", h + "self_attn."
-            sd[o + "norm1.weight"], sd[o + "norm2.weight"] = (w[h + "input_layernorm.weight"],
-                                                              w[h + "post_attention_layernorm.weight"])
-            for suffix in ("weight", "bias") if cfg.bias else ("weight",):
-                def get(name: str, n: int, suffix: str = suffix) -> Tensor:  # missing biases are zeros
-                    return w.get(f"{name}.{suffix}", torch.zeros(n))
-
-                hidden, C = cfg.mlp_hidden, cfg.n_embd
-                sd[f"{o}mlp.gate_up.{suffix}"] = torch.cat([get(h + "mlp.gate_proj", hidden), get(h + "mlp.up_proj", hidden)])
-                sd[f"{o}mlp.down.{suffix}"] = get(h + "mlp.down_proj", C)
-                if cfg.use_mla:
-                    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-                    names = {"q_a": ("q_a_proj", cfg.q_lora_rank), "kv_a": ("kv_a_proj_with_mqa", 0),
-                             "proj": ("o_proj", C)}
-                    if suffix == "weight":
-                        names |= {"q_proj": ("q_proj", 0), "q_norm": ("q_a_layernorm", 0), "q_b": ("q_b_proj", 0),
-                                  "kv_norm": ("kv_a_layernorm", 0), "kv_b": ("kv_b_proj", 0)}
-                    for ours, (hf, n) in names.items():
-                        if ours.startswith("q_") and ours != "q_proj" and not cfg.q_lora_rank:
-                            continue
-                        if ours == "q_proj" and cfg.q_lora_rank:
-                            continue
-                        n = n or (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-                        t = get(s + hf, n)
-                        if interleaved and ours in ("q_proj", "q_b"):
-                            t = _deinterleave_rows(t, qk, cfg.qk_rope_head_dim)
-                        if interleaved and ours == "kv_a":
-                            t = _deinterleave_rows(t, t.shape[0], cfg.qk_rope_head_dim)
-                        sd[f"{a}{ours}.{suffix}"] = t
-                else:
-                    H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-                    sd[f"{a}qkv.{suffix}"] = torch.cat([get(s + "q_proj", H * D), get(s + "k_proj", K * D),
-                                                        get(s + "v_proj", K * D)])
-                    sd[f"{a}proj.{suffix}"] = get(s + "o_proj", C)
-        head = "lm_head.weight"
+        sd = _llama_from_hf(cfg, w, interleaved=bool(c.get("rope_interleave", True)) and cfg.use_mla)
     if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = emb(w[head])
+        sd["lm_head.weight"] = _pad_vocab(w["lm_head.weight"], cfg)
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not map onto {cfg.family} (missing {missing}, unexpected {unexpected})")
     return model.to(device=device, dtype=dtype).eval(), cfg
+
+
+def _import_config(path: Path, cfg: ModelConfig) -> ModelConfig:
+    """export_hf's llm_config.json (fields HF has no slot for: padding, init, ...) when it still fits the weights."""
+    ours_file = path / "llm_config.json"
+    if not ours_file.is_file():
+        return cfg
+    ours = ModelConfig.from_dict(json.loads(ours_file.read_text()))
+    # trust it only while it still describes these weights (a later stage may have changed the HF model)
+    same = ("family", "vocab_size", "max_seq_len", "n_layer", "n_heads", "n_embd", "n_kv_heads", "mlp_hidden",
+            "rope_theta", "norm_eps", "tie_embeddings", "use_mla", "kv_lora_rank", "q_lora_rank",
+            "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    return ours if all(getattr(ours, f) == getattr(cfg, f) for f in same) else cfg
+
+
+def _pad_vocab(t: Tensor, cfg: ModelConfig) -> Tensor:
+    """An embedding / LM-head matrix with its vocab rows padded with zeros to the model's padded size."""
+    out = torch.zeros(cfg.padded_vocab_size, t.shape[1], dtype=t.dtype)
+    out[: t.shape[0]] = t[: cfg.vocab_size]
+    return out
+
+
+def _gpt2_from_hf(cfg: ModelConfig, w: dict[str, Tensor]) -> tuple[ModelConfig, dict[str, Tensor]]:
+    sd: dict[str, Tensor] = {}
+    if not cfg.bias and any(t.count_nonzero() for k, t in w.items() if k.endswith(".bias")):
+        cfg = cfg.replace(bias=True)  # HF GPT-2 always trains biases
+    sd["tok_emb.weight"], sd["pos_emb.weight"] = _pad_vocab(w["transformer.wte.weight"], cfg), w["transformer.wpe.weight"]
+    sd["norm_f.weight"] = w["transformer.ln_f.weight"]
+    if cfg.bias:
+        sd["norm_f.bias"] = w["transformer.ln_f.bias"]
+    for i in range(cfg.n_layer):
+        o, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for hf, ours, conv in (("ln_1", "norm1", False), ("ln_2", "norm2", False), ("attn.c_attn", "attn.qkv", True),
+                               ("attn.c_proj", "attn.proj", True), ("mlp.c_fc", "mlp.fc", True),
+                               ("mlp.c_proj", "mlp.proj", True)):
+            sd[o + ours + ".weight"] = w[h + hf + ".weight"].t() if conv else w[h + hf + ".weight"]
+            if cfg.bias:
+                sd[o + ours + ".bias"] = w[h + hf + ".bias"]
+            else:
+                _must_be_zero(w[h + hf + ".bias"], h + hf + ".bias")
+    return cfg, sd
+
+
+def _llama_from_hf(cfg: ModelConfig, w: dict[str, Tensor], interleaved: bool) -> dict[str, Tensor]:
+    sd: dict[str, Tensor] = {}
+    sd["tok_emb.weight"], sd["norm_f.weight"] = _pad_vocab(w["model.embed_tokens.weight"], cfg), w["model.norm.weight"]
+    for i in range(cfg.n_layer):
+        o, h = f"blocks.{i}.", f"model.layers.{i}."
+        a, s = o + "attn.", h + "self_attn."
+        sd[o + "norm1.weight"], sd[o + "norm2.weight"] = (w[h + "input_layernorm.weight"],
+                                                          w[h + "post_attention_layernorm.weight"])
+        for suffix in ("weight", "bias") if cfg.bias else ("weight",):
+            def get(name: str, n: int, suffix: str = suffix) -> Tensor:  # missing biases are zeros
+                return w.get(f"{name}.{suffix}", torch.zeros(n))
+
+            hidden, C = cfg.mlp_hidden, cfg.n_embd
+            sd[f"{o}mlp.gate_up.{suffix}"] = torch.cat([get(h + "mlp.gate_proj", hidden), get(h + "mlp.up_proj", hidden)])
+            sd[f"{o}mlp.down.{suffix}"] = get(h + "mlp.down_proj", C)
+            if cfg.use_mla:
+                sd.update(_mla_from_hf(cfg, a, s, suffix, get, interleaved))
+            else:
+                H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+                sd[f"{a}qkv.{suffix}"] = torch.cat([get(s + "q_proj", H * D), get(s + "k_proj", K * D),
+                                                    get(s + "v_proj", K * D)])
+                sd[f"{a}proj.{suffix}"] = get(s + "o_proj", C)
+    return sd
+
+
+def _mla_from_hf(cfg: ModelConfig, a: str, s: str, suffix: str, get, interleaved: bool) -> dict[str, Tensor]:
+    """One layer's multi-head latent attention tensors (DeepseekV3 names -> ours), de-interleaving RoPE rows."""
+    sd: dict[str, Tensor] = {}
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    names = {"q_a": ("q_a_proj", cfg.q_lora_rank), "kv_a": ("kv_a_proj_with_mqa", 0), "proj": ("o_proj", cfg.n_embd)}
+    if suffix == "weight":
+        names |= {"q_proj": ("q_proj", 0), "q_norm": ("q_a_layernorm", 0), "q_b": ("q_b_proj", 0),
+                  "kv_norm": ("kv_a_layernorm", 0), "kv_b": ("kv_b_proj", 0)}
+    for ours, (hf, n) in names.items():
+        if ours.startswith("q_") and ours != "q_proj" and not cfg.q_lora_rank:
+            continue
+        if ours == "q_proj" and cfg.q_lora_rank:
+            continue
+        n = n or (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        t = get(s + hf, n)
+        if interleaved and ours in ("q_proj", "q_b"):
+            t = _deinterleave_rows(t, qk, cfg.qk_rope_head_dim)
+        if interleaved and ours == "kv_a":
+            t = _deinterleave_rows(t, t.shape[0], cfg.qk_rope_head_dim)
+        sd[f"{a}{ours}.{suffix}"] = t
+    return sd
+
+
+def load_any(dir: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> tuple[DecoderLM, ModelConfig]:
+    """Load our checkpoint folder or a transformers folder (GPT2 / Llama / dense DeepseekV3), whichever `dir` is."""
+    path = Path(dir)
+    cfg_file = path / CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: expected a checkpoint folder or a transformers model folder")
+    try:
+        is_ours = json.loads(cfg_file.read_text()).get("format") == FORMAT
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+    if is_ours:
+        return load_model(path, device=device, dtype=dtype)
+    return import_hf(path, device=device, dtype=dtype or torch.float32)

@@ -2,7 +2,7 @@
 
 `ce_grad(logits, targets, scale, vocab)`: the softmax-minus-one-hot gradient of cross-entropy and the per-row loss
 from one chunk of LM-head logits, in two passes over each row (log-sum-exp, then the gradient) that read the
-logits in their own dtype (bf16 under autocast) and never make a float32 copy. The fused loss of `llm.train` calls
+logits in their own dtype (bf16 under autocast) and never make a float32 copy. The fused loss of `llm.loss` calls
 it per chunk; on the GPU the torch.compile'd chain of the same math was the slowest kernel of a GPT-2 124M step.
 
 TRITON_INTERPRET=1 (set before this module is imported) runs the kernel on CPU tensors, for tests.

@@ -15,6 +15,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -42,6 +43,19 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+# What a tokenizer folder holds; model folders (ours and transformers exports) carry a copy of these files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer(tokenizer_dir: str | Path, dest: Path) -> None:
+    """Copy a tokenizer folder into `dest` (created if needed); FileNotFoundError when it is not one."""
+    src = Path(tokenizer_dir)
+    if not (src / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{src / 'tokenizer.json'} not found: tokenizer_dir must be a tokenizer folder "
+                                "(tokenizer.json, tokenizer_config.json, special_tokens_map.json)")
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+
 
 def new_bpe() -> _HFTokenizer:
     """An untrained byte-level BPE with the project's pre-tokenizer and decoder."""

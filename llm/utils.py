@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import asdict
+
 import torch
 from torch import nn
 
@@ -35,8 +38,13 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 
 
 def flops_per_token(model_or_cfg: nn.Module | ModelConfig, seq_len: int | None = None, *,
-                    n_params: int | None = None) -> int:
-    """Training FLOPs per token: 6N (N = non-embedding params + the LM head) + the attention term."""
+                    n_params: int | None = None) -> float:
+    """Training FLOPs per token: 6N (N = non-embedding params + the LM head) + the attention term.
+
+    llm models (and ModelConfigs) are counted exactly; any other module gets the generic estimate below.
+    """
+    if isinstance(model_or_cfg, nn.Module) and not isinstance(getattr(model_or_cfg, "config", None), ModelConfig):
+        return _generic_flops_per_token(model_or_cfg, seq_len or 0)
     if isinstance(model_or_cfg, nn.Module):
         cfg = model_or_cfg.config
         n = num_params(model_or_cfg, non_embedding=True) + cfg.n_embd * cfg.padded_vocab_size
@@ -51,6 +59,38 @@ def flops_per_token(model_or_cfg: nn.Module | ModelConfig, seq_len: int | None =
         else:
             n = n_params
     return 6 * n + attention_flops_per_token(cfg, seq_len or cfg.max_seq_len)
+
+
+def _generic_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """6 x non-embedding params (fwd + bwd matmuls) + causal attention scores/values, for a module that is not an
+    llm model.
+
+    The attention term is 12 x layers x d_model x seq_len for full attention (PaLM appendix B); counting it for the
+    full square keeps the number comparable with nanoGPT/PaLM MFU figures.
+    """
+    emb = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    n = sum(p.numel() for p in model.parameters()) - emb
+    cfg = model_config(model) or {}
+    n_layer, d = cfg.get("n_layer"), cfg.get("n_embd")
+    if not (n_layer and d):
+        return 6.0 * n
+    # the LM head shares the embedding table when tied, but its matmul still costs 6 x V x d per token
+    if cfg.get("tie_embeddings", False):
+        n += cfg.get("padded_vocab_size", cfg.get("vocab_size", 0)) * d
+    return 6.0 * n + 12.0 * n_layer * d * seq_len
+
+
+def model_config(model: nn.Module) -> dict | None:
+    """The model's config as a dict (llm models carry `.config` / `.cfg` with `to_dict()`), else None."""
+    for attr in ("config", "cfg"):
+        cfg = getattr(model, attr, None)
+        if cfg is None:
+            continue
+        if hasattr(cfg, "to_dict"):
+            return dict(cfg.to_dict())
+        with contextlib.suppress(TypeError):
+            return asdict(cfg)
+    return None
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:

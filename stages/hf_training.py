@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
-from llm.hf import TOKENIZER_FILES
+from llm.tokenizer import TOKENIZER_FILES
 from stages import reuse
 from stages.common import StageError, StageResult, Tracker, atomic_dir, require_path, stage_device
 

@@ -5,31 +5,36 @@ Outputs: `checkpoint` (model.safetensors + config.json + tokenizer/) and `hf` (t
 Training checkpoints live in `out_dir/train_checkpoints/`; rerunning the stage after a crash resumes from the newest
 intact one, and rerunning a finished stage with the same config and inputs returns the saved result.
 The loop itself is `llm.train`; under torchrun this stage runs on every rank and only rank 0 writes outputs.
+
+The training settings are `llm.train.TrainConfig`'s fields: they are declared (type, default, bounds, description)
+once, on that dataclass, and pydantic validates them here under the same names.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import logging
 import math
 import os
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from llm.train.config import TrainConfig
 from stages.common import (
     NullTracker,
     StageError,
     StageResult,
     Tracker,
     atomic_file,
-    read_json,
     require_path,
     sha256_tree,
-    write_json,
 )
+from stages.reuse import finished, mark_finished, work_key
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +44,17 @@ DEFAULT_PROMPTS = [
     "7 plus 5 is",
     "The old owl sleeps",
 ]
+TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
-class Config(BaseModel):
+def _train_fields() -> dict[str, Any]:
+    """TrainConfig's fields as pydantic fields: type, default, bounds and description as the dataclass declares
+    them (its field metadata holds pydantic `Field` arguments)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: (hints[f.name], Field(f.default, **f.metadata)) for f in dataclasses.fields(TrainConfig)}
+
+
+class _ModelChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("tiny", description="Model size preset (llm.config.PRESETS): tiny, tiny-gpt2, tiny-mla, "
@@ -49,46 +62,15 @@ class Config(BaseModel):
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields that replace the "
                                             "preset's, e.g. {n_layer: 8, dropout: 0.1}. vocab_size always comes "
                                             "from the tokenizer.")
-    # tiny default: at 600 steps validation loss ended 1.04 / 1.09 / 1.13 / 1.18 for seeds 1337 / 2 / 3 / 1 (the
-    # sharp drop that comes when the model learns to copy names from its context came in time for some seeds, not
-    # for others); at 1000 steps seeds 1337 and 1 both ended at 1.01.
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train (1000 x 2048 tokens: ~2.3 epochs of the "
-                           "built-in corpus, ~3 minutes on 2 CPU cores).")
-    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward pass on one device.")
-    max_seq_len: int | None = Field(128, ge=8, description="Training sequence length in tokens (None: the model's "
-                                    "context). Must not exceed the model's max_seq_len.")
-    tokens_per_step: int | None = Field(None, ge=1, description="Global tokens per optimizer step; gradient "
-                                        "accumulation makes up the difference. None: one micro batch per device.")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="The cosine decay ends at lr x this.")
-    warmup_steps: int = Field(50, ge=0, description="Linear warmup steps.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices (not norms, biases, "
-                                "embeddings).")
-    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
-    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
-    eval_interval: int = Field(100, ge=0, description="Evaluate (val loss/ppl/bpb, sample generations) every N "
-                               "steps and at the end; 0 = only at the end.")
-    eval_batches: int = Field(10, ge=1, description="Validation batches per evaluation.")
-    checkpoint_interval: int = Field(100, ge=0, description="Save a resumable training checkpoint every N steps "
-                                     "and at the end; 0 = only at the end.")
-    keep_checkpoints: int = Field(2, ge=1, description="Training checkpoints kept on disk (newest first).")
-    max_bad_steps: int = Field(5, ge=1, description="Stop after this many consecutive steps with a non-finite "
-                               "loss or gradient (each one is skipped, never applied).")
-    seed: int = Field(1337, description="Seed for initialisation, data order and dropout.")
-    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on "
-                                                       "CPU.")
-    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model: auto = on for CUDA "
-                                                  "only (compiling costs more than it saves on a small CPU run).")
-    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp replicates the model, fsdp "
-                                             "(FSDP2) shards it per block for models that do not fit one card.")
-    fused_loss: Literal["auto", "on", "off"] = Field("auto", description="Chunked LM head + cross-entropy that "
-                                                     "never holds all logits (less memory; faster on CUDA and "
-                                                     "CPU): auto = on (off under FSDP).")
-    loss_kernel: Literal["auto", "on", "off"] = Field("auto", description="The fused loss's softmax gradient in "
-                                                      "one Triton kernel (llm/kernels.py) instead of torch ops: "
-                                                      "auto = on where Triton runs (CUDA).")
+
+
+_Training = create_model("_Training", __base__=_ModelChoice, __module__=__name__, **_train_fields())
+
+
+class Config(_Training):
+    """The model to build, every TrainConfig setting (seq_len None: the model's context), and the stage's own
+    sampling and evaluation settings."""
+
     sample_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Plain-text "
                                       "prompts continued by the model at each evaluation.")
     sample_max_new_tokens: int = Field(24, ge=1, description="Tokens generated per sample prompt.")
@@ -121,11 +103,72 @@ def _model_config(cfg: Config, vocab_size: int):
         raise _config_error(e, "model_overrides") from e
 
 
-def _key(cfg: Config, fingerprint: dict) -> str:
-    """What a finished run's outputs depend on: the config (resume excluded) and the inputs' content."""
-    blob = json.dumps({"cfg": cfg.model_dump(mode="json", exclude={"resume"}), "inputs": fingerprint},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+@dataclass
+class _Job:
+    """The checked inputs and settings of one run."""
+
+    tok_dir: Path
+    tokens_dir: Path
+    tasks_dir: Path | None
+    manifest: dict[str, Any]
+    tokenizer: Any  # llm.tokenizer.Tokenizer
+    model_cfg: Any  # llm.config.ModelConfig
+    train_cfg: TrainConfig
+    device: Any  # torch.device
+    info: Any  # llm.distributed.DistInfo
+    fingerprint: dict[str, str] = field(default_factory=dict)
+
+
+def _read_inputs(inputs: dict[str, Path]) -> tuple[Path, Path, Path | None, dict, Any]:
+    """The tokenizer and token shards (and the optional tasks folder), checked to belong together."""
+    from llm.data import DataError, read_manifest
+    from llm.tokenizer import Tokenizer
+
+    tok_dir = require_path(inputs.get("tokenizer", ""), "input `tokenizer` (tokenizer folder)")
+    tokens_dir = require_path(inputs.get("tokens", ""), "input `tokens` (token shards folder)")
+    tasks_dir = Path(inputs["tasks"]) if inputs.get("tasks") else None
+    try:
+        manifest = read_manifest(tokens_dir)
+    except DataError as e:
+        raise StageError(str(e)) from e
+    try:
+        tokenizer = Tokenizer.from_dir(tok_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise StageError(f"input tokenizer {tok_dir}: {e}") from e
+    if manifest.get("vocab_size") not in (None, tokenizer.vocab_size):
+        raise StageError(
+            f"{tokens_dir}/manifest.json says vocab_size={manifest['vocab_size']} but the tokenizer in {tok_dir} has "
+            f"{tokenizer.vocab_size} tokens; pass the tokenizer and tokens written by the same tokenizer-stage run"
+        )
+    return tok_dir, tokens_dir, tasks_dir, manifest, tokenizer
+
+
+def _prepare(cfg: Config, inputs: dict[str, Path]) -> _Job:
+    """Validate everything before any compute or write; StageError names the setting or input to fix."""
+    from llm import distributed as D
+    from llm.data import data_fingerprint
+    from llm.device import resolve_device
+    from llm.loss import check_loss_kernel
+
+    tok_dir, tokens_dir, tasks_dir, manifest, tokenizer = _read_inputs(inputs)
+    model_cfg = _model_config(cfg, tokenizer.vocab_size)
+    seq_len = cfg.seq_len or model_cfg.max_seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise StageError(
+            f"pretrain.seq_len={seq_len} exceeds the model's context (max_seq_len={model_cfg.max_seq_len} in "
+            f"preset {cfg.model!r}); lower pretrain.seq_len or set model_overrides.max_seq_len"
+        )
+    try:
+        tcfg = TrainConfig(**cfg.model_dump(include=TRAIN_FIELDS)).with_seq_len(seq_len)
+        device = resolve_device(tcfg.device, "TrainConfig.device")
+        check_loss_kernel(tcfg, device)
+        info = D.init_distributed(device.type)
+        tcfg.grad_accum_steps(info.world_size)
+    except ValueError as e:
+        raise StageError(f"pretrain config: {str(e).replace('TrainConfig.', 'pretrain.')}") from e
+    fingerprint = {"tokenizer": manifest.get("tokenizer_sha256") or sha256_tree(tok_dir),
+                   "data": data_fingerprint(tokens_dir)}
+    return _Job(tok_dir, tokens_dir, tasks_dir, manifest, tokenizer, model_cfg, tcfg, device, info, fingerprint)
 
 
 def _plot(losses: list[tuple[int, float]], evals: list[tuple[int, float]], path: Path) -> None:
@@ -154,134 +197,120 @@ def _plot(losses: list[tuple[int, float]], evals: list[tuple[int, float]], path:
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     """Pretrain the configured model on `inputs["tokens"]`; see the module docstring for inputs and outputs."""
-    import torch
-
     from llm import distributed as D
-    from llm import train as T
-    from llm.data import DataError, PretrainLoader, data_fingerprint, eval_batches, read_manifest
-    from llm.tokenizer import Tokenizer
-    from llm.utils import on_off_auto
 
     out_dir = Path(out_dir)
-    tok_dir = require_path(inputs.get("tokenizer", ""), "input `tokenizer` (tokenizer folder)")
-    tokens_dir = require_path(inputs.get("tokens", ""), "input `tokens` (token shards folder)")
-    tasks_dir = Path(inputs["tasks"]) if inputs.get("tasks") else None
-
-    # ---- validate everything before any compute or write --------------------------------------------------
-    try:
-        manifest = read_manifest(tokens_dir)
-    except DataError as e:
-        raise StageError(str(e)) from e
-    try:
-        tokenizer = Tokenizer.from_dir(tok_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise StageError(f"input tokenizer {tok_dir}: {e}") from e
-    vocab_size = tokenizer.vocab_size
-    if manifest.get("vocab_size") not in (None, vocab_size):
-        raise StageError(
-            f"{tokens_dir}/manifest.json says vocab_size={manifest['vocab_size']} but the tokenizer in {tok_dir} has "
-            f"{vocab_size} tokens; pass the tokenizer and tokens written by the same tokenizer-stage run"
-        )
-    model_cfg = _model_config(cfg, vocab_size)
-    seq_len = cfg.max_seq_len or model_cfg.max_seq_len
-    if seq_len > model_cfg.max_seq_len:
-        raise StageError(
-            f"pretrain.max_seq_len={seq_len} exceeds the model's context (max_seq_len={model_cfg.max_seq_len} in "
-            f"preset {cfg.model!r}); lower pretrain.max_seq_len or set model_overrides.max_seq_len"
-        )
-    tok_hash = manifest.get("tokenizer_sha256") or sha256_tree(tok_dir)
-    try:
-        tcfg = T.TrainConfig(
-            max_steps=cfg.max_steps, micro_batch_size=cfg.micro_batch_size, seq_len=seq_len,
-            tokens_per_step=cfg.tokens_per_step, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio,
-            warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2,
-            grad_clip=cfg.grad_clip, eval_interval=cfg.eval_interval, eval_batches=cfg.eval_batches,
-            checkpoint_interval=cfg.checkpoint_interval, keep_last=cfg.keep_checkpoints,
-            max_bad_steps=cfg.max_bad_steps, device=cfg.device, precision=cfg.precision,
-            compile=on_off_auto(cfg.compile), parallel=cfg.parallel, seed=cfg.seed,
-            fused_loss=on_off_auto(cfg.fused_loss), loss_kernel=on_off_auto(cfg.loss_kernel),
-        )
-        device = T.resolve_device(cfg.device)
-        T.check_loss_kernel(tcfg, device)
-        info = D.init_distributed(device.type)
-        tcfg.grad_accum_steps(info.world_size)
-    except ValueError as e:
-        raise StageError(f"pretrain config: {str(e).replace('TrainConfig.', 'pretrain.')}") from e
-
-    fingerprint = {"tokenizer": tok_hash, "data": data_fingerprint(tokens_dir)}
-    key = _key(cfg, fingerprint)
+    job = _prepare(cfg, inputs)
+    # the inputs enter the key through their fingerprints: hashing every token shard again would be slow
+    key = work_key(cfg, extra=job.fingerprint, exclude={"resume", "progress"})
     outputs = {"checkpoint": out_dir / "checkpoint", "hf": out_dir / "hf"}
-    done_file = out_dir / "result.json"
-    if done_file.is_file() and all(p.exists() for p in outputs.values()):
-        done = read_json(done_file, "pretrain result")
-        if done.get("key") == key:
-            log.info("pretrain: %s already holds this run's outputs; reusing them", out_dir)
-            plots = {"loss_curve": out_dir / "loss_curve.png"} if (out_dir / "loss_curve.png").is_file() else {}
-            samples = [_sample_row(r.get("source", ""), r.get("step", 0), r) for r in done["samples"]]
-            return StageResult(outputs=outputs, metrics=done["metrics"], samples=samples, plots=plots)
+    plot_path = out_dir / "loss_curve.png"
+    if (done := finished(out_dir, key, outputs, plots={"loss_curve": plot_path})) is not None:
+        done.samples = [_sample_row(r.get("source", ""), r.get("step", 0), r) for r in done.samples]
+        return done
+    report = _Report(tracker)
+    result, n_params = _train(cfg, job, out_dir / "train_checkpoints", report)
+    metrics = _metrics(result, n_params)
+    samples = [_sample_row("generation", result.step, row) for row in result.samples]
+    plots: dict[str, Path] = {}
+    if job.info.is_main:
+        _export(result.checkpoint, job.tok_dir, outputs)
+        if result.losses or report.evals:
+            _plot(result.losses, report.evals, plot_path)
+            plots["loss_curve"] = plot_path
+        if job.tasks_dir is not None:
+            metrics.update(_exact_match(outputs["hf"], job.tasks_dir, cfg.exact_match_limit, samples, result.step))
+        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("val/", "eval/"))}, step=result.step)
+        mark_finished(out_dir, key, StageResult(outputs=outputs, metrics=metrics, samples=samples))
+    D.barrier(job.info)
+    return StageResult(outputs=outputs, metrics=metrics, samples=samples, plots=plots)
 
-    try:
-        loader = PretrainLoader(tokens_dir, batch_size=cfg.micro_batch_size, max_seq_len=seq_len, seed=cfg.seed,
-                                rank=info.rank, world_size=info.world_size, pin_memory=device.type == "cuda")
-    except DataError as e:
-        raise StageError(str(e)) from e
-    has_val = any(s.get("split") == "val" for s in manifest.get("shards", []))
-    bytes_per_token = (manifest.get("splits", {}).get("val") or {}).get("bytes_per_token")
 
-    def val_batches():
-        return eval_batches(tokens_dir, cfg.micro_batch_size, seq_len, split="val", max_batches=cfg.eval_batches,
-                            rank=info.rank, world_size=info.world_size)
+class _Report:
+    """The loop's on_step / on_eval: every metric to the tracker, validation losses kept for the plot."""
 
-    prompts = [tokenizer.encode(p) for p in cfg.sample_prompts]
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self.evals: list[tuple[int, float]] = []
 
-    def sample_fn(model: torch.nn.Module) -> list[dict[str, Any]]:
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics(metrics, step=step)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.evals.append((step, metrics["val/loss"]))
+        self.tracker.log_metrics(metrics, step=step)
+
+
+class _Sampler:
+    """Greedy (or sampled) continuations of the configured prompts: the loop's sample_fn."""
+
+    def __init__(self, cfg: Config, tokenizer: Any) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.prompts = [tokenizer.encode(p) for p in cfg.sample_prompts]
+
+    def __call__(self, model: Any) -> list[dict[str, Any]]:
         from llm.generate import generate
 
-        if not prompts:
+        if not self.prompts:
             return []
+        cfg, tok = self.cfg, self.tokenizer
         was_training = model.training
         model.eval()
         try:
             # documents follow an EOS in the token stream, so a prompt starts the way documents do
-            new = generate(model, [[tokenizer.eos_id, *p] for p in prompts], cfg.sample_max_new_tokens,
-                           temperature=cfg.sample_temperature, top_k=cfg.sample_top_k, eos_token_id=tokenizer.eos_id,
-                           seed=cfg.seed, pad_token_id=tokenizer.pad_id, compile=False)
+            new = generate(model, [[tok.eos_id, *p] for p in self.prompts], cfg.sample_max_new_tokens,
+                           temperature=cfg.sample_temperature, top_k=cfg.sample_top_k, eos_token_id=tok.eos_id,
+                           seed=cfg.seed, pad_token_id=tok.pad_id, compile=False)
         finally:
             model.train(was_training)
-        return [{"prompt": p, "response": tokenizer.decode(n, skip_special_tokens=True)}
+        return [{"prompt": p, "response": tok.decode(n, skip_special_tokens=True)}
                 for p, n in zip(cfg.sample_prompts, new, strict=True)]
 
-    evals: list[tuple[int, float]] = []
 
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        tracker.log_metrics(metrics, step=step)
+def _train(cfg: Config, job: _Job, ckpt_dir: Path, report: _Report) -> tuple[Any, int]:
+    """Build the model and run the loop (resuming from `ckpt_dir`); returns the loop's result and the model size."""
+    import functools
 
-    def on_eval(step: int, metrics: dict[str, float]) -> None:
-        evals.append((step, metrics["val/loss"]))
-        tracker.log_metrics(metrics, step=step)
+    import torch
 
+    from llm import train as T
+    from llm.data import DataError, PretrainLoader, eval_batches
     from llm.model import build_model
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg)
-    ckpt_dir = out_dir / "train_checkpoints"
+    tcfg, info = job.train_cfg, job.info
+    try:
+        loader = PretrainLoader(job.tokens_dir, batch_size=tcfg.micro_batch_size, max_seq_len=tcfg.seq_len,
+                                seed=tcfg.seed, rank=info.rank, world_size=info.world_size,
+                                pin_memory=job.device.type == "cuda")
+    except DataError as e:
+        raise StageError(str(e)) from e
+    has_val = any(s.get("split") == "val" for s in job.manifest.get("shards", []))
+    val_batches = functools.partial(eval_batches, job.tokens_dir, tcfg.micro_batch_size, tcfg.seq_len, split="val",
+                                    max_batches=tcfg.eval_batches, rank=info.rank, world_size=info.world_size)
+    bytes_per_token = (job.manifest.get("splits", {}).get("val") or {}).get("bytes_per_token")
+    sampler = _Sampler(cfg, job.tokenizer)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(job.model_cfg)
     try:
         result = T.train(
             model, tcfg, loader, ckpt_dir, val_batches=val_batches if has_val else None,
-            bytes_per_token=bytes_per_token, fingerprint=fingerprint, on_step=on_step, on_eval=on_eval,
-            sample_fn=sample_fn, resume=cfg.resume,
+            bytes_per_token=bytes_per_token, fingerprint=job.fingerprint, on_step=report.on_step,
+            on_eval=report.on_eval, sample_fn=sampler, resume=cfg.resume,
         )
     except T.TrainingError as e:
         raise StageError(f"pretrain: {e}") from e
     except DataError as e:
         raise StageError(str(e)) from e
+    return result, sum(p.numel() for p in model.parameters())
 
+
+def _metrics(result: Any, n_params: int) -> dict[str, float]:
     metrics: dict[str, float] = {
         "train/loss": result.train_loss,
         "train/tokens": float(result.tokens),
         "train/skipped_steps": float(result.skipped_steps),
         "train/seconds": result.seconds,
-        "params": float(sum(p.numel() for p in model.parameters())),
+        "params": float(n_params),
     }
     if result.losses:
         tail = [x for _, x in result.losses[-20:] if math.isfinite(x)]
@@ -289,26 +318,18 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
         trained = (result.step - result.resumed_from) * result.tokens // max(1, result.step)
         metrics["train/tokens_per_s"] = trained / max(result.seconds, 1e-9)
     metrics.update(result.val)
-    samples = [_sample_row("generation", result.step, row) for row in result.samples]
+    return metrics
 
-    plots: dict[str, Path] = {}
-    if info.is_main:
-        from llm.checkpoint import load_model, save_model
-        from llm.hf import export_hf
 
-        # the final training checkpoint holds the full (gathered) weights whatever the parallelism was
-        final, _ = load_model(result.checkpoint)
-        save_model(outputs["checkpoint"], final, tokenizer_dir=tok_dir)
-        export_hf(outputs["checkpoint"], outputs["hf"], tokenizer_dir=tok_dir)
-        if result.losses or evals:
-            _plot(result.losses, evals, out_dir / "loss_curve.png")
-            plots["loss_curve"] = out_dir / "loss_curve.png"
-        if tasks_dir is not None:
-            metrics.update(_exact_match(outputs["hf"], tasks_dir, cfg.exact_match_limit, samples, result.step))
-        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("val/", "eval/"))}, step=result.step)
-        write_json(done_file, {"key": key, "metrics": metrics, "samples": samples})
-    D.barrier(info)
-    return StageResult(outputs=outputs, metrics=metrics, samples=samples, plots=plots)
+def _export(train_checkpoint: Path, tok_dir: Path, outputs: dict[str, Path]) -> None:
+    """Our checkpoint folder and the transformers export, from the final training checkpoint."""
+    from llm.checkpoint import load_model, save_model
+    from llm.hf import export_hf
+
+    # the final training checkpoint holds the full (gathered) weights whatever the parallelism was
+    final, _ = load_model(train_checkpoint)
+    save_model(outputs["checkpoint"], final, tokenizer_dir=tok_dir)
+    export_hf(outputs["checkpoint"], outputs["hf"], tokenizer_dir=tok_dir)
 
 
 def _exact_match(hf_dir: Path, tasks_dir: Path, limit: int | None, samples: list[dict], step: int) -> dict[str, float]:

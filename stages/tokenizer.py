@@ -39,7 +39,7 @@ class Config(BaseModel):
     encode_batch_docs: int = Field(2048, ge=1, description="Documents per encode_batch call (parallel inside).")
 
 
-def _train_texts(corpus_dir: Path, manifest: dict, max_bytes: int) -> Iterator[list[str]]:
+def train_texts(corpus_dir: Path, manifest: dict, max_bytes: int) -> Iterator[list[str]]:
     """Batches of train texts, up to `max_bytes` characters in all.
 
     Batches, not single strings: `tokenizers` takes either, and a batch crosses into Rust in one call instead of
@@ -68,7 +68,7 @@ def _outputs_intact(tok_dir: Path, tokens_dir: Path, key: str) -> bool:
             and reuse.sizes_match(tokens_dir, m["shards"]))
 
 
-def _encode_split(tok: Tokenizer, corpus_dir: Path, manifest: dict, split: str, writer: token_data.ShardWriter,
+def encode_split(tok: Tokenizer, corpus_dir: Path, manifest: dict, split: str, writer: token_data.ShardWriter,
                   cfg: Config, pbar: tqdm) -> dict[str, float]:
     """Encode one split; the next batch is read from Parquet while the current one is being encoded."""
     eos = np.array([tok.eos_id], dtype=writer.dtype)
@@ -135,7 +135,7 @@ def _build(cfg: Config, corpus_dir: Path, manifest: dict, tok_dir: Path, tokens_
     """Train and encode; returns the tokens manifest and the timings (kept out of it so reruns are byte-identical)."""
     t0 = time.perf_counter()
     train_bytes = manifest["text_bytes"]["train"]
-    hf = train_bpe(_train_texts(corpus_dir, manifest, cfg.train_max_bytes), cfg.vocab_size, cfg.min_frequency,
+    hf = train_bpe(train_texts(corpus_dir, manifest, cfg.train_max_bytes), cfg.vocab_size, cfg.min_frequency,
                    length=manifest["rows"]["train"], show_progress=False)
     train_s = time.perf_counter() - t0
     tracker.log_metrics({"tokenizer/train_seconds": train_s}, step=0)
@@ -157,7 +157,7 @@ def _build(cfg: Config, corpus_dir: Path, manifest: dict, tok_dir: Path, tokens_
         for split in ("train", "val"):
             writer = token_data.ShardWriter(tmp, split, dtype, cfg.shard_max_tokens)
             try:
-                splits[split] = _encode_split(tok, corpus_dir, manifest, split, writer, cfg, pbar)
+                splits[split] = encode_split(tok, corpus_dir, manifest, split, writer, cfg, pbar)
             except BaseException:
                 writer.abort()
                 raise

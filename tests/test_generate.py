@@ -107,8 +107,9 @@ def test_context_limit_and_bad_prompts() -> None:
 
 
 def test_cli_generate_and_export(tmp, capsys: pytest.CaptureFixture[str]) -> None:
-    from llm.checkpoint import load_any, save_model
+    from llm.checkpoint import save_model
     from llm.cli import main
+    from llm.hf import load_any
     from llm.tokenizer import save_dir, train_bpe
 
     save_dir(train_bpe(["Mia has a red kite and Tom has a green boat."] * 20, vocab_size=300, show_progress=False),

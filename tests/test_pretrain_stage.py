@@ -35,7 +35,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def small(**kw) -> pretrain.Config:
-    base = dict(model_overrides=SMALL_MODEL, max_steps=6, micro_batch_size=4, max_seq_len=32, warmup_steps=2,
+    base = dict(model_overrides=SMALL_MODEL, max_steps=6, micro_batch_size=4, seq_len=32, warmup_steps=2,
                 eval_interval=3, eval_batches=2, checkpoint_interval=3, sample_prompts=["Mia has"],
                 sample_max_new_tokens=4, device="cpu")
     base.update(kw)
@@ -94,8 +94,8 @@ def test_stage_with_tasks_logs_base_exact_match(data, tmp_path):
 
 def test_config_errors_name_the_field(data, tmp_path):
     inputs = {"tokenizer": data["tokenizer"], "tokens": data["tokens"]}
-    with pytest.raises(StageError, match=r"pretrain\.max_seq_len=512 exceeds the model's context"):
-        pretrain.run(small(max_seq_len=512, model_overrides={**SMALL_MODEL, "max_seq_len": 64}), inputs, tmp_path)
+    with pytest.raises(StageError, match=r"pretrain\.seq_len=512 exceeds the model's context"):
+        pretrain.run(small(seq_len=512, model_overrides={**SMALL_MODEL, "max_seq_len": 64}), inputs, tmp_path)
     with pytest.raises(StageError, match=r"model_overrides\.vocab_size"):
         pretrain.run(small(model_overrides={"vocab_size": 50}), inputs, tmp_path)
     with pytest.raises(StageError, match=r"n_embd"):
@@ -105,7 +105,7 @@ def test_config_errors_name_the_field(data, tmp_path):
     with pytest.raises(StageError, match=r"tokens_per_step"):
         pretrain.run(small(tokens_per_step=100), inputs, tmp_path)
     with pytest.raises(StageError, match=r"pretrain\.loss_kernel is on .* set loss_kernel to 'auto' or 'off'"):
-        pretrain.run(small(fused_loss="on", loss_kernel="on"), inputs, tmp_path)  # CPU: the kernel cannot run
+        pretrain.run(small(fused_loss=True, loss_kernel=True), inputs, tmp_path)  # CPU: the kernel cannot run
     with pytest.raises(pydantic.ValidationError, match="lr"):
         small(lr=-1.0)
     with pytest.raises(pydantic.ValidationError, match="n_layers"):
@@ -153,7 +153,7 @@ def test_command_line_entry_point(data, tmp_path):
     base = [sys.executable, "-m", "stages.pretrain", "--tokenizer", str(data["tokenizer"]), "--tokens",
             str(data["tokens"]), "--out", str(tmp_path / "out")]
     sets = ["--set", "model_overrides={n_layer: 1, n_embd: 32, n_heads: 2, n_kv_heads: 2}", "--set", "max_steps=2",
-            "--set", "micro_batch_size=2", "--set", "max_seq_len=32", "--set", "eval_batches=1",
+            "--set", "micro_batch_size=2", "--set", "seq_len=32", "--set", "eval_batches=1",
             "--set", "device=cpu", "--set", "sample_prompts=[]"]
     p = subprocess.run(base + sets, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The pretraining loop (llm/train.py, llm/optim.py): schedule, decay groups, accumulation, checkpoints, exact resume.
+"""The pretraining loop (llm/train/, llm/loss.py, llm/optim.py): schedule, decay groups, accumulation, checkpoints, exact resume.
 
 Run: .venv/bin/pytest tests/test_train.py -q
 """

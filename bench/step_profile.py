@@ -3,30 +3,25 @@
 Prints tokens/s and MFU of the step, the share of the step the GPU is busy, GPU time by kernel kind (matmuls,
 attention, compiler-generated fused kernels, optimizer, casts/copies, other) and the top kernels. Knobs are the
 ones that move throughput: micro-batch, the fused loss's chunk size, torch.compile's mode.
-  python bench/profile.py --device cuda                        # gpt2-124m, seq 1024, micro-batch 16, compiled
-  python bench/profile.py --device cuda --batch 32 --chunk 16384 --mode max-autotune-no-cudagraphs
-  python bench/profile.py --quick                              # CPU, tiny preset, eager (operators, not kernels)
+  python -m bench.step_profile --device cuda                        # gpt2-124m, seq 1024, micro-batch 16, compiled
+  python -m bench.step_profile --device cuda --batch 32 --chunk 16384 --mode max-autotune-no-cudagraphs
+  python -m bench.step_profile --quick                              # CPU, tiny preset, eager (operators, not kernels)
 `--json`: the last line is one JSON object.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import re
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import torch
 
-import argparse  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     add_common_args,
     add_loss_args,
     check_loss_args,
@@ -36,13 +31,15 @@ from bench.common import (  # noqa: E402
     sync,
     time_call,
 )
-from bench.pretrain import make_step  # noqa: E402
-from llm import kernels as K  # noqa: E402
-from llm.config import PRESETS, get_config  # noqa: E402
-from llm.model import build_model  # noqa: E402
-from llm.optim import build_adamw  # noqa: E402
-from llm.train import FusedLossLM, TrainConfig, allow_tf32, autocast_for, peak_flops  # noqa: E402
-from llm.utils import flops_per_token, on_off_auto  # noqa: E402
+from bench.pretrain import make_step
+from llm import kernels as K
+from llm.config import PRESETS, get_config
+from llm.device import allow_tf32, autocast_for, peak_flops
+from llm.loss import FusedLossLM
+from llm.model import build_model
+from llm.optim import build_adamw
+from llm.train import TrainConfig
+from llm.utils import flops_per_token, on_off_auto
 
 # kernel kind by name, first match wins (cuBLAS/cuBLASLt GEMMs are sm90_xmma*, nvjet*, cutlass*, *gemm*)
 KINDS = [
@@ -95,14 +92,14 @@ def idle_gaps(kernels: list[tuple[float, float, str]], min_us: float = 20.0) -> 
     return idle, sorted(gaps, reverse=True)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="model preset (default tiny with --quick or on CPU, gpt2-124m on CUDA)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 128 on CPU, 1024 on CUDA)")
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (default 8 on CPU, 16 on CUDA)")
-    parser.add_argument("--chunk", type=int, default=None, help="fused loss: tokens per chunk (default: llm.train's)")
+    parser.add_argument("--chunk", type=int, default=None, help="fused loss: tokens per chunk (default: TrainConfig.loss_chunk_tokens)")
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     add_loss_args(parser)
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
@@ -115,34 +112,43 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top", type=int, default=15, help="kernels listed")
     parser.add_argument("--trace", default=None, help="also write the profile as a Chrome trace (JSON) to this file")
     args = parser.parse_args(argv)
-
     if args.accum < 1:
         parser.error("--accum must be >= 1")
     if args.chunk is not None and args.chunk < 1:
         parser.error("--chunk must be >= 1")
-    device = pick_device(args.device)
+    args.device = pick_device(args.device)
+    args.fused = check_loss_args(parser, args, args.device)
+    return args
+
+
+def build_step(args: argparse.Namespace) -> dict[str, Any]:
+    """The model, its optimizer and one training step on a fixed random batch, as the knobs ask."""
+    device, fused = args.device, args.fused
     cuda = device.type == "cuda"
     allow_tf32(device)
     preset = args.preset or ("gpt2-124m" if cuda and not args.quick else "tiny")
     seq = args.seq or (1024 if cuda and not args.quick else 128)
     batch = args.batch or (16 if cuda and not args.quick else 8)
-    steps = args.steps or (20 if cuda else 5)
-    fused = check_loss_args(parser, args, device)
     compiled = args.compile == "on" or (args.compile == "auto" and cuda)
-
     cfg = get_config(preset, max_seq_len=max(seq, get_config(preset).max_seq_len))
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     opt = build_adamw(model, 3e-4, 0.1, fused=True)
-    kernel = on_off_auto(args.ce_kernel)
+    kernel = on_off_auto(args.loss_kernel)
     trained = FusedLossLM(model, args.chunk or TrainConfig.loss_chunk_tokens, kernel) if fused else model
-    chunk = getattr(trained, "chunk", None)
     run = torch.compile(trained, mode=args.mode) if compiled else trained
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
     inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    uses_kernel = fused and (K.available(device) if kernel == "auto" else bool(kernel))
     step = make_step(lambda: run(inp, tgt)[1], model, opt, lambda: autocast_for(device, "auto"), args.accum)
+    return {"cfg": cfg, "preset": preset, "seq": seq, "batch": batch, "compiled": compiled, "step": step,
+            "chunk": getattr(trained, "chunk", None),
+            "loss_kernel": fused and (K.available(device) if kernel == "auto" else bool(kernel))}
 
+
+def measure(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
+    """Warm-up, then the median step time, tokens/s, MFU and peak memory."""
+    device, step = args.device, run["step"]
+    cuda = device.type == "cuda"
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         step()
@@ -150,21 +156,26 @@ def main(argv: list[str] | None = None) -> dict:
     warm_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    secs = statistics.median(time_call(step, device)[0] for _ in range(steps))
-    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    tokens = batch * seq * args.accum
-    tps = tokens / secs
+    secs = statistics.median(time_call(step, device)[0] for _ in range(args.steps or (20 if cuda else 5)))
+    tps = run["batch"] * run["seq"] * args.accum / secs
     peak = peak_flops(device)
-    mfu = flops_per_token(cfg, seq) * tps / peak if peak else None
+    return {"tokens_per_s": tps, "step_ms": secs * 1000,
+            "mfu": flops_per_token(run["cfg"], run["seq"]) * tps / peak if peak else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+            "warmup_s": round(warm_s, 1)}
 
+
+def profile_steps(args: argparse.Namespace, step: Callable[[], Any]) -> dict[str, Any]:
+    """Kernel (CUDA) or operator (CPU) time per step, by kind, and the GPU's idle gaps."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = args.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sync(device)
+    sync(args.device)
     with profile(activities=acts) as prof:
         for _ in range(args.profile_steps):
             step()
-        sync(device)
+        sync(args.device)
     if args.trace:
         prof.export_chrome_trace(args.trace)
     gaps: list[tuple] = []
@@ -175,34 +186,46 @@ def main(argv: list[str] | None = None) -> dict:
         idle_us, gaps = idle_gaps(spans)
     per_step = {k: (n / args.profile_steps, us / args.profile_steps / 1000) for k, (n, us) in
                 kernel_times(prof, cuda).items()}
-    busy_ms = sum(ms for _, ms in per_step.values())
     by_kind: dict[str, float] = defaultdict(float)
     for name, (_, ms) in per_step.items():
         by_kind[kind_of(name)] += ms
-    step_ms = secs * 1000
+    return {"per_step": per_step, "busy_ms": sum(ms for _, ms in per_step.values()), "by_kind_ms": dict(by_kind),
+            "idle_ms": idle_us / args.profile_steps / 1000 if cuda else None, "gaps": gaps}
 
-    print(f"{preset} seq {seq} micro-batch {batch} {'compiled' if compiled else 'eager'}"
-          f"{' mode ' + args.mode if args.mode else ''}, accum {args.accum}, fused loss "
-          f"{f'chunk {chunk}' + (' + Triton kernel' if uses_kernel else '') if fused else 'off'}: "
-          f"{tps:,.0f} tok/s, {step_ms:.1f} ms/step" + (f", MFU {mfu:.1%}" if mfu else "")
-          + (f", peak mem {peak_mem:.1f} GiB" if peak_mem else "") + f" (warm-up {warm_s:.0f} s)")
-    what = "GPU kernels" if cuda else "CPU operators"
+
+def print_report(args: argparse.Namespace, run: dict[str, Any], m: dict[str, Any], prof: dict[str, Any]) -> None:
+    chunk, step_ms, busy_ms = run["chunk"], m["step_ms"], prof["busy_ms"]
+    loss = f"chunk {chunk}" + (" + Triton kernel" if run["loss_kernel"] else "") if args.fused else "off"
+    print(f"{run['preset']} seq {run['seq']} micro-batch {run['batch']} {'compiled' if run['compiled'] else 'eager'}"
+          f"{' mode ' + args.mode if args.mode else ''}, accum {args.accum}, fused loss {loss}: "
+          f"{m['tokens_per_s']:,.0f} tok/s, {step_ms:.1f} ms/step" + (f", MFU {m['mfu']:.1%}" if m["mfu"] else "")
+          + (f", peak mem {m['peak_mem_gib']:.1f} GiB" if m["peak_mem_gib"] else "")
+          + f" (warm-up {m['warmup_s']:.0f} s)")
+    what = "GPU kernels" if args.device.type == "cuda" else "CPU operators"
     print(f"{what}: {busy_ms:.1f} ms per step = {busy_ms / step_ms:.0%} of the step")
-    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+    for kind, ms in sorted(prof["by_kind_ms"].items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<18} {ms:8.2f} ms  {ms / step_ms:6.1%}")
-    if gaps:
-        print(f"GPU idle between kernels: {idle_us / args.profile_steps / 1000:.2f} ms per step; longest gaps:")
-        for us, before, after in gaps[:8]:
+    if prof["gaps"]:
+        print(f"GPU idle between kernels: {prof['idle_ms']:.2f} ms per step; longest gaps:")
+        for us, before, after in prof["gaps"][:8]:
             print(f"  {us / 1000:6.2f} ms after {before[:60]}  before {after[:60]}")
     print(f"top {args.top} {what} (calls and ms per step):")
-    for name, (n, ms) in sorted(per_step.items(), key=lambda kv: -kv[1][1])[: args.top]:
+    for name, (n, ms) in sorted(prof["per_step"].items(), key=lambda kv: -kv[1][1])[: args.top]:
         print(f"  {ms:8.2f} ms {n:6.0f}x  {kind_of(name):<16} {name[:110]}")
-    result = {"bench": "profile", "device": device_name(device), "torch": torch.__version__, "preset": preset,
-              "seq": seq, "batch": batch, "accum": args.accum, "compiled": compiled, "ce_kernel": uses_kernel, "mode": args.mode, "fused_loss": fused,
-              "chunk": chunk, "tokens_per_s": tps, "step_ms": step_ms, "mfu": mfu, "peak_mem_gib": peak_mem,
-              "busy_ms": busy_ms, "by_kind_ms": dict(by_kind),
-              "idle_ms": idle_us / args.profile_steps / 1000 if cuda else None,
-              "gaps_ms": [[round(us / 1000, 3), b, a] for us, b, a in gaps[:8]], "warmup_s": round(warm_s, 1)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    run = build_step(args)
+    m = measure(args, run)
+    prof = profile_steps(args, run["step"])
+    print_report(args, run, m, prof)
+    result = {"bench": "profile", "device": device_name(args.device), "torch": torch.__version__,
+              "preset": run["preset"], "seq": run["seq"], "batch": run["batch"], "accum": args.accum,
+              "compiled": run["compiled"], "loss_kernel": run["loss_kernel"], "mode": args.mode,
+              "fused_loss": args.fused, "chunk": run["chunk"], **m, "busy_ms": prof["busy_ms"],
+              "by_kind_ms": prof["by_kind_ms"], "idle_ms": prof["idle_ms"],
+              "gaps_ms": [[round(us / 1000, 3), b, a] for us, b, a in prof["gaps"][:8]]}
     emit(result, args.json)
     return result
 

@@ -1,0 +1,79 @@
+"""The codebase's shape rules (docs/ARCHITECTURE.md): small files and functions, no module shadowing another, no
+import-path surgery, and each layer importing only the layers below it."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("llm", "stages", "flows", "bench")
+MAX_FILE_LINES = 500
+MAX_FUNCTION_LINES = 80
+# argparse set-up reads best as one list of options; the rule exempts the CLI's parser builders only
+PARSER_BUILDERS = {("flows/cli.py", "build_parser"), ("llm/cli.py", "build_parser")}
+# which project packages each layer may import (the layer order of docs/ARCHITECTURE.md)
+MAY_IMPORT = {"llm": {"llm"}, "stages": {"llm", "stages"}, "flows": {"llm", "stages", "flows"},
+              "bench": {"llm", "stages", "flows", "bench"}}
+
+
+def _sources() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+def _rel(p: Path) -> str:
+    return p.relative_to(ROOT).as_posix()
+
+
+def test_no_file_over_the_line_limit():
+    long = {_rel(p): n for p in [*_sources(), *(ROOT / "tests").glob("*.py")]
+            if (n := p.read_text().count("\n")) > MAX_FILE_LINES}
+    assert not long, f"files over {MAX_FILE_LINES} lines (split them by job): {long}"
+
+
+def test_no_function_over_the_line_limit():
+    long = []
+    for p in _sources():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES and (_rel(p), node.name) not in PARSER_BUILDERS:
+                    long.append(f"{_rel(p)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_no_module_shadows_the_standard_library_or_a_project_package():
+    clashes = []
+    for p in _sources():
+        name = p.stem if p.name != "__init__.py" else None
+        if name and (name in sys.stdlib_module_names or name in PACKAGES or name in ("tests",)):
+            clashes.append(_rel(p))
+    assert not clashes, f"modules named like a standard-library module or a project package: {clashes}"
+
+
+def test_no_import_path_surgery_outside_tests():
+    found = [f"{_rel(p)}:{i}" for p in _sources() for i, line in enumerate(p.read_text().splitlines(), 1)
+             if "sys.path" in line or "sys.modules" in line]
+    assert not found, f"sys.path / sys.modules edits (import by package name instead): {found}"
+
+
+def test_layers_import_only_downwards():
+    bad = []
+    for p in _sources():
+        layer = p.relative_to(ROOT).parts[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                     else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in PACKAGES and top not in MAY_IMPORT[layer]:
+                    bad.append(f"{_rel(p)}:{node.lineno} imports {name}")
+    assert not bad, f"imports against the layer order: {bad}"
+
+
+def test_no_module_level_getattr_hides_a_definition():
+    hidden = [_rel(p) for p in _sources()
+              if any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in ast.parse(p.read_text()).body)]
+    assert not hidden, f"module-level __getattr__ (define the names explicitly so a search finds them): {hidden}"
