@@ -188,7 +188,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load(args)
     starting = _prestart_prefect()
     tracking = _check_tracking(cfg)
-    from flows.stages import STAGE_FLOWS
+    from flows.stage_flow import STAGE_FLOWS
 
     STAGE_FLOWS[args.name].fn  # noqa: B018 - builds the flows (imports) while the server starts
     _join(starting)
@@ -213,8 +213,9 @@ def resolve_ref(ref: str) -> Path:
     p = Path(ref)
     if p.exists():
         return p
-    from flows.config import PipelineSection
-    from flows.stages import check_run_id, fetch_artifact, safe_artifact_path
+    from flows.lineage import fetch_artifact
+    from flows.paths import check_run_id, safe_artifact_path
+    from flows.specs import PipelineSection
     from flows.tracking import setup_tracking
 
     section = PipelineSection(work_dir=os.environ.get("LLM_PIPELINE_WORK_DIR", PipelineSection().work_dir))

@@ -575,7 +575,7 @@ def config_parameters(cfg: Any, flows: dict[str, Any]) -> dict[str, dict[str, An
 
 def pipeline_flows() -> dict[str, Any]:
     from flows.pipeline import pipeline_flow
-    from flows.stages import STAGE_FLOWS
+    from flows.stage_flow import STAGE_FLOWS
 
     return {"pipeline": pipeline_flow, **STAGE_FLOWS}
 
