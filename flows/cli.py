@@ -175,9 +175,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     starting = _prestart_prefect()
     tracking = _check_tracking(cfg)  # a dead tracking server fails here, before any compute
+    # Importing builds the flows (stage modules, Prefect) while the temporary server starts.
     from flows.pipeline import pipeline_flow
 
-    pipeline_flow.fn  # noqa: B018 - builds the flows (imports) while the server starts
     _join(starting)
     res = pipeline_flow(config=cfg, force=args.force)
     print()
@@ -195,9 +195,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load(args)
     starting = _prestart_prefect()
     tracking = _check_tracking(cfg)
+    # Importing builds the flows (stage modules, Prefect) while the temporary server starts.
     from flows.stage_flow import STAGE_FLOWS
 
-    STAGE_FLOWS[args.name].fn  # noqa: B018 - builds the flows (imports) while the server starts
     _join(starting)
     out = STAGE_FLOWS[args.name](
         config=getattr(cfg, args.name), pipeline=cfg.pipeline, from_run=args.from_run or None, force=args.force
