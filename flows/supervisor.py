@@ -110,6 +110,9 @@ class Endpoints:
         )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Processes.
+
 
 def port_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -235,7 +238,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
-
 
 
 def _check_can_start(work_dir: Path, host: str, prefect_port: int, mlflow_port: int) -> None:
