@@ -1,4 +1,5 @@
-"""`llm-pipeline`: run the whole pipeline or one stage, plus `generate`/`export` (llm.cli) and `up`/`serve` (flows.server).
+"""`llm-pipeline`: run the whole pipeline or one stage, plus `generate`/`export` (llm.cli), `up`/`down`
+(flows.supervisor) and `serve` (flows.deploy). The command line is defined here only.
 
     llm-pipeline run   [--config FILE] [--set section.key=value ...] [--force]
     llm-pipeline stage NAME [--from-run RUN_ID | stage=RUN_ID ...] [--config FILE] [--set ...] [--force]
@@ -9,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import re
@@ -20,6 +20,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flows.deploy import deployment_name, serve
+from flows.supervisor import (
+    DEFAULT_HOST,
+    DEFAULT_MLFLOW_PORT,
+    DEFAULT_PREFECT_PORT,
+    DEFAULT_WORK_DIR,
+    ServerError,
+    down,
+    up,
+)
 from stages.common import StageError
 
 STAGE_NAMES = ("ingest", "tokenizer", "pretrain", "sft", "reward", "ppo")
@@ -40,16 +50,13 @@ def _prepare_env(work_dir: str | Path | None = None) -> None:
         os.environ["PREFECT_HOME"] = str(Path(work_dir or ".llm-pipeline").resolve() / "prefect")
 
 
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help=f"pipeline YAML (default: {DEFAULT_CONFIG} if it exists)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value, e.g. --set pretrain.max_steps=50 (repeatable)",
-    )
+    _add_set(p, "override one config value, e.g. --set pretrain.max_steps=50 (repeatable)")
     p.add_argument("--force", action="store_true", help="rerun stages even when nothing changed")
 
 
@@ -168,9 +175,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     starting = _prestart_prefect()
     tracking = _check_tracking(cfg)  # a dead tracking server fails here, before any compute
+    # Importing builds the flows (stage modules, Prefect) while the temporary server starts.
     from flows.pipeline import pipeline_flow
 
-    pipeline_flow.fn  # noqa: B018 - builds the flows (imports) while the server starts
     _join(starting)
     res = pipeline_flow(config=cfg, force=args.force)
     print()
@@ -188,9 +195,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load(args)
     starting = _prestart_prefect()
     tracking = _check_tracking(cfg)
-    from flows.stages import STAGE_FLOWS
+    # Importing builds the flows (stage modules, Prefect) while the temporary server starts.
+    from flows.stage_flow import STAGE_FLOWS
 
-    STAGE_FLOWS[args.name].fn  # noqa: B018 - builds the flows (imports) while the server starts
     _join(starting)
     out = STAGE_FLOWS[args.name](
         config=getattr(cfg, args.name), pipeline=cfg.pipeline, from_run=args.from_run or None, force=args.force
@@ -213,8 +220,9 @@ def resolve_ref(ref: str) -> Path:
     p = Path(ref)
     if p.exists():
         return p
-    from flows.config import PipelineSection
-    from flows.stages import check_run_id, fetch_artifact, safe_artifact_path
+    from flows.lineage import fetch_artifact
+    from flows.paths import check_run_id, safe_artifact_path
+    from flows.specs import PipelineSection
     from flows.tracking import setup_tracking
 
     section = PipelineSection(work_dir=os.environ.get("LLM_PIPELINE_WORK_DIR", PipelineSection().work_dir))
@@ -275,19 +283,139 @@ def resolve_ref(ref: str) -> Path:
     raise StageError(f"run {run_id} has no model output (outputs: {outputs or 'none'})")
 
 
-def _optional_register(module: str, subparsers: Any, **kwargs: Any) -> None:
-    """Subcommands from other modules (written alongside this one): skip them quietly if they are not there yet."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        log.debug("%s not available: %s", module, e)
-        return
-    register = getattr(mod, "register", None)
-    if register is not None:
-        register(subparsers, **kwargs)
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
+    return port
+
+
+def _server_command(fn: Any) -> Any:
+    def call(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except ServerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return call
+
+
+def add_server_commands(subparsers: Any) -> None:
+    """Add `up`, `down` and `serve` (flows.supervisor, flows.deploy) to the `llm-pipeline` command line."""
+    _add_up(subparsers)
+    _add_down(subparsers)
+    _add_serve(subparsers)
+
+
+def _add_up(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "up",
+        help="start a Prefect server and an MLflow server with local storage",
+        description="Start a Prefect server and an MLflow server (SQLite + artifact folder under the work dir) on "
+        "127.0.0.1, wait until both answer, print the UI addresses and the variables to export. Ctrl-C stops both.",
+    )
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="interface to bind both servers to; anything but loopback turns on authentication "
+                   f"(default {DEFAULT_HOST})")  # fmt: skip
+    p.add_argument(
+        "--prefect-port",
+        type=_port,
+        default=DEFAULT_PREFECT_PORT,
+        help="Prefect server port (default %(default)s)",
+    )
+    p.add_argument(
+        "--mlflow-port",
+        type=_port,
+        default=DEFAULT_MLFLOW_PORT,
+        help="MLflow server port (default %(default)s)",
+    )
+    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
+                   help="where both servers keep their data and logs (default %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--detach", action="store_true", help="return once both answer; stop later with `llm-pipeline down`"
+    )
+    p.add_argument("--advertise", default=None,
+                   help="host name clients and browsers use to reach the servers (default: --host, or this "
+                   "machine's name when bound to 0.0.0.0)")  # fmt: skip
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="turn on authentication on loopback too (a shared machine: other users reach 127.0.0.1)",
+    )
+    p.add_argument("--no-auth", action="store_true",
+                   help="with a non-loopback --host, do not turn on authentication (only behind an authenticating "
+                   "proxy)")  # fmt: skip
+    p.add_argument(
+        "--mlflow-workers", type=int, default=1, help="MLflow server worker processes (default %(default)s)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait for both health checks (default %(default)s)",
+    )
+    p.set_defaults(
+        func=_server_command(
+            lambda a: up(
+                a.work_dir, a.host, a.prefect_port, a.mlflow_port, detach=a.detach,
+                auth=True if a.auth else False if a.no_auth else None, advertise=a.advertise, mlflow_workers=a.mlflow_workers,
+                timeout_s=a.timeout,
+            )
+        )
+    )  # fmt: skip
+
+
+def _add_down(subparsers: Any) -> None:
+    p = subparsers.add_parser("down", help="stop servers started with `llm-pipeline up --detach`")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=DEFAULT_WORK_DIR,
+        help="the work dir given to `up` (default %(default)s)",
+    )
+    p.set_defaults(func=_server_command(lambda a: down(a.work_dir)))
+
+
+def _add_serve(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the pipeline and every stage as Prefect deployments (run them from the Prefect UI)",
+        description="Register the `pipeline` flow and each stage flow as deployments on the Prefect server at "
+        "PREFECT_API_URL (or the servers `llm-pipeline up` started from --work-dir) and execute the runs started "
+        "from the UI here, until Ctrl-C.",
+    )
+    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
+                   help="where `llm-pipeline up` recorded its servers, used when the env vars are unset (default %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="pipeline config whose values the UI's run forms start from (default: the one `llm-pipeline run` uses)",
+    )
+    _add_set(p, "override one config value in those defaults; repeatable")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="deployment name shown in the UI as FLOW/NAME (default: the config file's name, or 'default')",
+    )
+    p.add_argument("--limit", type=int, default=1,
+                   help="flow runs executed at once by this process (default %(default)s: training runs should not "
+                   "share a machine)")  # fmt: skip
+    p.set_defaults(
+        func=_server_command(
+            lambda a: serve(
+                a.work_dir, a.name or deployment_name(a.config), a.limit,
+                config=a.config, overrides=a.overrides,
+            )
+        )
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: it imports torch, which main() overlaps with the temporary Prefect server.
+    from llm.cli import register as register_model_commands
+
     parser = argparse.ArgumentParser(
         prog="llm-pipeline",
         description="Train a language model from raw text to an aligned assistant, tracked in MLflow, run by Prefect.",
@@ -308,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_stage)
-    _optional_register("llm.cli", sub, resolve_ref=resolve_ref)
-    _optional_register("flows.server", sub)
+    register_model_commands(sub, resolve_ref=resolve_ref)
+    add_server_commands(sub)
     return parser
 
 

@@ -1,111 +1,29 @@
 """The pipeline's configuration: one section per stage (validated by that stage's own `Config`) plus `pipeline`.
 
-Also the stage registry (which module implements a stage, and which upstream output feeds each of its inputs),
-YAML loading and `--set section.key=value` overrides. Unknown keys and bad values fail naming the key.
+YAML loading and `--set section.key=value` overrides. Unknown keys and bad values fail naming the key. The stages
+themselves (which module implements one, what feeds it) are listed in `flows.specs`.
 """
 
 from __future__ import annotations
 
-import importlib
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from flows.specs import STAGES, PipelineSection, StageSpec
 from stages.common import StageError
+
+__all__ = [
+    "STAGES", "ConfigError", "PipelineConfig", "PipelineSection", "StageSpec", "apply_overrides", "build_config_model",
+    "dump_config", "load_config", "parse_override", "read_yaml", "validate_config",
+]  # fmt: skip
 
 
 class ConfigError(StageError):
     """A config file or override that does not validate; the message names the file and the key."""
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """Where a stage lives and what feeds it.
-
-    inputs: input name -> (upstream stage, that stage's output name), as in docs/ARCHITECTURE.md.
-    optional: inputs the stage runs without when the upstream did not produce them (e.g. `tasks`).
-    """
-
-    name: str
-    module: str
-    inputs: Mapping[str, tuple[str, str]] = field(default_factory=dict)
-    optional: frozenset[str] = frozenset()
-
-    def load(self) -> ModuleType:
-        return importlib.import_module(self.module)
-
-    @property
-    def upstream_stages(self) -> list[str]:
-        return sorted({stage for stage, _ in self.inputs.values()})
-
-
-STAGES: tuple[StageSpec, ...] = (
-    StageSpec("ingest", "stages.ingest"),
-    StageSpec("tokenizer", "stages.tokenizer", {"corpus": ("ingest", "corpus")}),
-    StageSpec(
-        "pretrain",
-        "stages.pretrain",
-        {"tokenizer": ("tokenizer", "tokenizer"), "tokens": ("tokenizer", "tokens"), "tasks": ("ingest", "tasks")},
-        optional=frozenset({"tasks"}),
-    ),
-    StageSpec("sft", "stages.sft", {"model": ("pretrain", "hf"), "tasks": ("ingest", "tasks")}),
-    StageSpec("reward", "stages.reward", {"model": ("sft", "hf"), "tasks": ("ingest", "tasks")}),
-    StageSpec(
-        "ppo",
-        "stages.ppo",
-        {"policy": ("sft", "hf"), "reward_model": ("reward", "hf"), "tasks": ("ingest", "tasks")},
-    ),
-)
-
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-class PipelineSection(BaseModel):
-    """Settings of the orchestration itself (not of any stage)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    experiment: str = Field("llm-pipeline", min_length=1, description="MLflow experiment that holds the runs.")
-    work_dir: str = Field(
-        ".llm-pipeline",
-        min_length=1,
-        description="Local working directory: stage outputs, downloaded inputs, and (when MLFLOW_TRACKING_URI "
-        "is unset) the embedded MLflow store mlflow.db + mlartifacts/.",
-    )
-    registered_model: str = Field(
-        "llm-pipeline-assistant",
-        description="MLflow model registry name under which the final aligned (PPO) policy is registered.",
-    )
-    force: bool = Field(False, description="Rerun every stage even when a finished run with the same cache key exists.")
-    offline_tracking: bool = Field(
-        False,
-        description="When the MLflow server is unreachable at start, log to the embedded store in work_dir "
-        "instead of failing.",
-    )
-    retries: int = Field(2, ge=0, le=10, description="Retries of a stage after a transient failure (tracking or "
-                         "storage hiccup); bad configs and bad data are never retried.")
-    retry_delay_s: float = Field(2.0, ge=0, le=600, description="Delay before the first retry; doubles each retry.")
-    tracking_wait_s: float = Field(
-        300.0,
-        ge=0,
-        description="How long a finished stage keeps retrying delivery of buffered metrics and artifacts while "
-        "the tracking server is away.",
-    )
-    system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics to each stage run.")
-
-    @field_validator("registered_model")
-    @classmethod
-    def _model_name(cls, v: str) -> str:
-        if not _MODEL_NAME.match(v):
-            raise ValueError("use letters, digits, '_', '.', '-' (at most 128 characters)")
-        return v
 
 
 def build_config_model(specs: Sequence[StageSpec], name: str = "PipelineConfig") -> type[BaseModel]:
@@ -127,16 +45,9 @@ def build_config_model(specs: Sequence[StageSpec], name: str = "PipelineConfig")
     return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
 
 
-@cache
-def _default_model() -> type[BaseModel]:
-    return build_config_model(STAGES)
-
-
-def __getattr__(attr: str) -> Any:
-    # `PipelineConfig` imports every stage module (torch, transformers): build it on first use only.
-    if attr == "PipelineConfig":
-        return _default_model()
-    raise AttributeError(attr)
+# Built at import, so importing this module imports every stage module; code that needs only the stage list or the
+# orchestration settings imports `flows.specs` instead and stays light.
+PipelineConfig: type[BaseModel] = build_config_model(STAGES)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -195,7 +106,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def validate_config(data: Mapping[str, Any], source: str, model: type[BaseModel] | None = None) -> Any:
-    model = model or _default_model()
+    model = model or PipelineConfig
     try:
         return model.model_validate(dict(data))
     except ValidationError as e:

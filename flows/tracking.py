@@ -94,6 +94,35 @@ class Tracking:
         return self.uri
 
 
+# MLflow 3 opens runs in its GenAI view unless the address says otherwise (the UI reads `workflowType` from the query
+# inside the hash route); these runs are model training, so every link we publish asks for that view.
+ML_VIEW_QUERY = "workflowType=machine_learning"
+
+
+def ml_view(link: str | None) -> str | None:
+    """`link` (an MLflow UI address) opening MLflow's model-training view rather than the GenAI one."""
+    if not link or "workflowType=" in link:
+        return link
+    return f"{link}{'&' if '?' in link.rpartition('#')[2] else '?'}{ML_VIEW_QUERY}"
+
+
+def run_link(tracking: Tracking, run_id: str) -> str | None:
+    """MLflow UI address of a run in the model-training view; None for the embedded store (no server to link)."""
+    return ml_view(tracking.run_link(run_id))
+
+
+def run_links(tracking: Tracking, run_ids: Mapping[str, str]) -> dict[str, str]:
+    """key -> MLflow UI address of run_ids[key], for the runs that have one."""
+    return {k: link for k, rid in run_ids.items() if (link := run_link(tracking, rid))}
+
+
+def experiment_link(tracking: Tracking) -> str | None:
+    """MLflow UI address of the experiment's runs table (model-training view); None for the embedded store."""
+    if not is_remote(tracking.uri):
+        return None
+    return ml_view(f"{tracking.uri.rstrip('/')}/#/experiments/{tracking.experiment_id}/runs")
+
+
 def setup_tracking(experiment: str, work_dir: str | Path, offline: bool = False) -> Tracking:
     """Pick the tracking URI (MLFLOW_TRACKING_URI, else the embedded SQLite store), check it, get the experiment.
 

@@ -39,7 +39,7 @@ def cli() -> list[str]:
         probe = subprocess.run([script, "up", "--help"], capture_output=True, text=True, timeout=60)
         if probe.returncode == 0 and "--prefect-port" in probe.stdout:
             return [str(script)]
-    return [sys.executable, "-m", "flows.server"]
+    return [sys.executable, "-m", "flows.cli"]
 
 
 def base_env(home: Path) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.config import PipelineSection, StageSpec
+from flows.specs import PipelineSection, StageSpec
 from stages.common import StageError, StageResult, Tracker, TransientError, atomic_dir, sha256_tree
 
 # Shared, mutable test controls: attempts per stage, per-step hooks (e.g. stop the MLflow server at step 3).

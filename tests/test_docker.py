@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import server
+from flows import supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -58,10 +58,10 @@ def test_services_present(compose):
 
 def test_prefect_server_command_matches_up(compose):
     svc = compose["services"]["prefect-server"]
-    ours = _cli_part(server.prefect_command("0.0.0.0", server.DEFAULT_PREFECT_PORT))
+    ours = _cli_part(supervisor.prefect_command("0.0.0.0", supervisor.DEFAULT_PREFECT_PORT))
     assert svc["command"] == ours
     env = svc["environment"]
-    assert env["PREFECT_UI_API_URL"] == f"http://localhost:{server.DEFAULT_PREFECT_PORT}/api"
+    assert env["PREFECT_UI_API_URL"] == f"http://localhost:{supervisor.DEFAULT_PREFECT_PORT}/api"
     assert env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
     assert "PREFECT_SERVER_API_AUTH_STRING" in env
 
@@ -73,15 +73,15 @@ def test_mlflow_command_matches_up(compose):
     got = _flags(cmd)
     ours = _flags(
         _cli_part(
-            server.mlflow_command(
-                "0.0.0.0", server.DEFAULT_MLFLOW_PORT, "postgresql://x", "/mlartifacts",
+            supervisor.mlflow_command(
+                "0.0.0.0", supervisor.DEFAULT_MLFLOW_PORT, "postgresql://x", "/mlartifacts",
                 workers=2, auth=True, allowed_hosts=["h"],
             )
         )
     )  # fmt: skip
     # Same switches as `up` with auth on; values differ only where the team setup must (store URIs, hosts).
     assert set(got) == set(ours)
-    assert got["--port"] == str(server.DEFAULT_MLFLOW_PORT)
+    assert got["--port"] == str(supervisor.DEFAULT_MLFLOW_PORT)
     assert got["--host"] == "0.0.0.0"
     assert got["--app-name"] == "basic-auth"
     assert got["--backend-store-uri"].startswith("postgresql://")
@@ -99,10 +99,10 @@ def test_mlflow_command_matches_up(compose):
 def test_published_ports_are_loopback_and_default(compose):
     services = compose["services"]
     assert _published(services["prefect-server"]) == [
-        ("127.0.0.1", server.DEFAULT_PREFECT_PORT, server.DEFAULT_PREFECT_PORT)
+        ("127.0.0.1", supervisor.DEFAULT_PREFECT_PORT, supervisor.DEFAULT_PREFECT_PORT)
     ]
     assert _published(services["mlflow"]) == [
-        ("127.0.0.1", server.DEFAULT_MLFLOW_PORT, server.DEFAULT_MLFLOW_PORT)
+        ("127.0.0.1", supervisor.DEFAULT_MLFLOW_PORT, supervisor.DEFAULT_MLFLOW_PORT)
     ]
     assert _published(services["postgres"]) == []
     assert _published(services["worker"]) == []
@@ -112,15 +112,13 @@ def test_worker_runs_serve_against_the_servers(compose):
     svc = compose["services"]["worker"]
     assert svc["command"] == ["llm-pipeline", "serve"]
     # The same subcommand exists in the CLI.
-    import argparse
+    from flows.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    server.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(svc["command"][1:])
+    args = build_parser().parse_args(svc["command"][1:])
     assert args.command == "serve"
     env = svc["environment"]
-    assert env["PREFECT_API_URL"] == f"http://prefect-server:{server.DEFAULT_PREFECT_PORT}/api"
-    assert env["MLFLOW_TRACKING_URI"] == f"http://mlflow:{server.DEFAULT_MLFLOW_PORT}"
+    assert env["PREFECT_API_URL"] == f"http://prefect-server:{supervisor.DEFAULT_PREFECT_PORT}/api"
+    assert env["MLFLOW_TRACKING_URI"] == f"http://mlflow:{supervisor.DEFAULT_MLFLOW_PORT}"
     assert env["PREFECT_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING")
     assert env["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD")
     gpus = svc["deploy"]["resources"]["reservations"]["devices"]

@@ -15,7 +15,10 @@ from pathlib import Path
 import flows_fakes as ff
 import pytest
 
-from flows.stages import check_run_id, fetch_artifact, make_stage_flow, run_stage, safe_artifact_path
+from flows.lineage import fetch_artifact
+from flows.paths import check_run_id, safe_artifact_path
+from flows.stage_flow import make_stage_flow
+from flows.stage_runner import run_stage
 from flows.tracking import TrackingUnavailableError, setup_tracking
 from stages.common import StageError
 
@@ -215,7 +218,7 @@ def test_tampered_lineage_tag_and_escaping_outputs_are_refused(tmp_path: Path) -
 
 
 def test_symlink_inside_an_output_cannot_smuggle_outside_files(tmp_path: Path) -> None:
-    from flows.stages import _check_outputs
+    from flows.stage_runner import check_outputs as _check_outputs
     from stages.common import StageResult
 
     out_dir = tmp_path / "out"

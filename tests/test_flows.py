@@ -9,8 +9,10 @@ from typing import Any
 import flows_fakes as ff
 import pytest
 
+from flows.cache_key import cache_key
 from flows.config import build_config_model
-from flows.stages import cache_key, resolve_upstream, run_stage
+from flows.lineage import resolve_upstream
+from flows.stage_runner import run_stage
 from flows.tracking import MlflowTracker, TrackingUnavailableError, is_transient, setup_tracking
 from stages.common import StageError, TransientError
 
@@ -229,7 +231,7 @@ def test_pipeline_flow_parent_child_runs_registry_and_cached_rerun(tmp_path: Pat
     assert len(c.search_model_versions("name='fake-assistant'")) == 1 and not again["model_version_created"]
 
     # a stage flow started alone from the pipeline run resolves the same upstream runs (and is a cache hit)
-    from flows.stages import make_stage_flow
+    from flows.stage_flow import make_stage_flow
 
     sft_flow = make_stage_flow(BY_NAME["sft"])
     out = sft_flow(config=ff.FakeConfig(), pipeline=cfg.pipeline, from_run=[res["run_id"]])
@@ -241,7 +243,7 @@ def test_prefect_artifacts_and_typed_parameters(tmp_path: Path, pipeline_flow: A
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.utilities.callables import parameter_schema
 
-    from flows.stages import make_stage_flow
+    from flows.stage_flow import make_stage_flow
 
     flow = make_stage_flow(BY_NAME["ingest"])
     flow(config=ff.FakeConfig(), pipeline=ff.section(ff.work_dir(tmp_path)))
@@ -267,8 +269,8 @@ def test_prefect_artifacts_and_typed_parameters(tmp_path: Path, pipeline_flow: A
 
 
 def test_pipeline_stage_flow_names_are_module_level() -> None:
-    """Deployments load flows by entrypoint `flows/stages.py:<name>_flow`; the names must resolve."""
-    import flows.stages as fs
+    """Deployments load flows by entrypoint `flows/stage_flow.py:<name>_flow`; the names must resolve."""
+    import flows.stage_flow as fs
 
     flow = fs.make_stage_flow(BY_NAME["sft"])
     assert flow.fn.__name__ == "sft_flow" and flow.name == "sft"
@@ -276,6 +278,16 @@ def test_pipeline_stage_flow_names_are_module_level() -> None:
 
     pipe = make_pipeline_flow(SPECS, config_model=build_config_model(SPECS))
     assert pipe.fn.__qualname__ == "pipeline_flow" and pipe._entrypoint == "flows.pipeline:pipeline_flow"
+
+
+
+def test_every_stage_flow_is_a_module_attribute() -> None:
+    """Module-path deployments (`flows.stage_flow.sft_flow`) load each stage's flow by its attribute name."""
+    import flows.stage_flow as fs
+    from flows.specs import STAGES
+
+    assert set(fs.STAGE_FLOWS) == {s.name for s in STAGES}
+    assert all(getattr(fs, f"{s.name}_flow") is fs.STAGE_FLOWS[s.name] for s in STAGES)
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -313,9 +325,10 @@ def test_resolve_ref_run_id_and_registry_name(tmp_path: Path, monkeypatch: pytes
 
 
 def test_pipeline_summary_links_parent_experiment_and_headline_metrics() -> None:
-    from flows.pipeline import _summary_markdown, key_metrics
-    from flows.stages import StageOutcome, run_link
-    from flows.tracking import Tracking
+    from flows.prefect_ui import key_metrics
+    from flows.prefect_ui import pipeline_summary_markdown as _summary_markdown
+    from flows.stage_runner import StageOutcome
+    from flows.tracking import Tracking, run_link
 
     tr = Tracking(uri="http://127.0.0.1:5000", experiment_id="7", experiment_name="exp", embedded=False, client=None)
     link = run_link(tr, "r1")
@@ -341,7 +354,9 @@ def test_pipeline_summary_links_parent_experiment_and_headline_metrics() -> None
 def test_stage_form_explains_internal_parameters_and_summary_links_upstream() -> None:
     from prefect.utilities.callables import parameter_schema
 
-    from flows.stages import StageOutcome, make_stage_flow, stage_summary_markdown
+    from flows.prefect_ui import stage_summary_markdown
+    from flows.stage_flow import make_stage_flow
+    from flows.stage_runner import StageOutcome
 
     props = parameter_schema(make_stage_flow(BY_NAME["sft"]).fn).model_dump()["properties"]
     for name in ("upstream", "parent_run_id"):
@@ -361,7 +376,7 @@ def test_file_path_entrypoints_load() -> None:
     import sys
 
     code = ("from prefect.flows import load_flow_from_entrypoint as load\n"
-            "print(load('flows/pipeline.py:pipeline_flow').name, load('flows/stages.py:sft_flow').name)")
+            "print(load('flows/pipeline.py:pipeline_flow').name, load('flows/stage_flow.py:sft_flow').name)")
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -379,7 +394,7 @@ def test_stage_run_log_has_our_records_not_library_bytecode(tmp_path: Path, pipe
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
 
-    from flows.stages import make_stage_flow
+    from flows.stage_flow import make_stage_flow
 
     hashes: list[str] = []
     ff.HOOKS["ingest"] = lambda step: hashes.append(Hasher.hash(pa.table({"a": [step]})))

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 from browser_utils import REGISTERED_MODEL, UI_OVERRIDES, Stack, base_env, cli, free_port, wait_for
 
-from flows import server
+from flows import credentials, deploy, supervisor
 
 CHANGED = ("pretrain", "max_steps", 6)
 
@@ -187,8 +187,8 @@ def test_ctrl_c_stops_both_servers(tmp_path):
         assert s.up_proc.wait(timeout=40) == 0
         print(f"Ctrl-C to both servers stopped: {time.monotonic() - t0:.1f} s")
         for pid in pids.values():
-            assert not server.pid_alive(pid) or _zombie(pid), f"server pid {pid} still running after Ctrl-C"
-        assert server.port_free("127.0.0.1", s.prefect_port) and server.port_free("127.0.0.1", s.mlflow_port)
+            assert not supervisor.pid_alive(pid) or _zombie(pid), f"server pid {pid} still running after Ctrl-C"
+        assert supervisor.port_free("127.0.0.1", s.prefect_port) and supervisor.port_free("127.0.0.1", s.mlflow_port)
         assert not (s.work / "servers" / "servers.json").exists()
         assert "Servers stopped." in s.up_log.read_text()
     finally:
@@ -268,34 +268,34 @@ def test_serve_without_a_server_says_how_to_start_one(tmp_path):
 def test_exposed_servers_get_authentication(tmp_path, monkeypatch):
     for k in ("PREFECT_SERVER_API_AUTH_STRING", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_AUTH_ADMIN_USERNAME"):
         monkeypatch.delenv(k, raising=False)
-    assert server.is_loopback("127.0.0.1") and server.is_loopback("localhost") and server.is_loopback("::1")
-    assert not server.is_loopback("0.0.0.0") and not server.is_loopback("10.0.0.5")
-    creds = server.ensure_credentials(tmp_path)
+    assert supervisor.is_loopback("127.0.0.1") and supervisor.is_loopback("localhost") and supervisor.is_loopback("::1")
+    assert not supervisor.is_loopback("0.0.0.0") and not supervisor.is_loopback("10.0.0.5")
+    creds = credentials.ensure_credentials(tmp_path)
     path = tmp_path / "credentials.env"
     assert path.stat().st_mode & 0o077 == 0, "credentials must be readable by their owner only"
     user, _, pw = creds["PREFECT_SERVER_API_AUTH_STRING"].partition(":")
     assert user and len(pw) >= 16 and len(creds["MLFLOW_AUTH_ADMIN_PASSWORD"]) >= 16
     # Stable across restarts: MLflow creates its admin user once.
-    assert server.ensure_credentials(tmp_path) == creds
-    client = server.client_credentials(creds)
+    assert credentials.ensure_credentials(tmp_path) == creds
+    client = credentials.client_credentials(creds)
     assert client["PREFECT_API_AUTH_STRING"] == creds["PREFECT_SERVER_API_AUTH_STRING"]
     assert client["MLFLOW_TRACKING_PASSWORD"] == creds["MLFLOW_AUTH_ADMIN_PASSWORD"]
-    argv = server.mlflow_command("0.0.0.0", 5000, "sqlite:///x.db", "/a", auth=True, allowed_hosts=["h:*"])
+    argv = supervisor.mlflow_command("0.0.0.0", 5000, "sqlite:///x.db", "/a", auth=True, allowed_hosts=["h:*"])
     assert argv[argv.index("--app-name") + 1] == "basic-auth"
-    assert "--app-name" not in server.mlflow_command("127.0.0.1", 5000, "sqlite:///x.db", "/a")
+    assert "--app-name" not in supervisor.mlflow_command("127.0.0.1", 5000, "sqlite:///x.db", "/a")
 
 
 def test_serve_reads_the_servers_up_recorded(tmp_path, monkeypatch):
-    for k in server.CLIENT_VARS:
+    for k in deploy.CLIENT_VARS:
         monkeypatch.delenv(k, raising=False)
     state_dir = tmp_path / "servers"
     state_dir.mkdir()
     env = {"PREFECT_API_URL": "http://127.0.0.1:1/api", "MLFLOW_TRACKING_URI": "http://127.0.0.1:2"}
-    (state_dir / server.STATE_FILE).write_text(json.dumps({"pids": {"x": os.getpid()}, "env": env}))
-    assert server.resolve_server_env(tmp_path) == env
+    (state_dir / supervisor.STATE_FILE).write_text(json.dumps({"pids": {"x": os.getpid()}, "env": env}))
+    assert deploy.resolve_server_env(tmp_path) == env
     # The environment wins over the record.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
-    assert server.resolve_server_env(tmp_path)["MLFLOW_TRACKING_URI"] == "http://elsewhere:5000"
+    assert deploy.resolve_server_env(tmp_path)["MLFLOW_TRACKING_URI"] == "http://elsewhere:5000"
     # A record whose servers are gone is ignored.
-    (state_dir / server.STATE_FILE).write_text(json.dumps({"pids": {"x": 2**22 + 12345}, "env": env}))
-    assert "PREFECT_API_URL" not in server.resolve_server_env(tmp_path)
+    (state_dir / supervisor.STATE_FILE).write_text(json.dumps({"pids": {"x": 2**22 + 12345}, "env": env}))
+    assert "PREFECT_API_URL" not in deploy.resolve_server_env(tmp_path)

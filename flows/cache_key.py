@@ -1,0 +1,100 @@
+"""The cache key of a stage run: its config, the content hashes of its inputs, and the version of its code.
+
+The code version covers the stage's module, every project module it imports (found statically, transitively) and
+the versions of the libraries that compute the result, so editing another stage's module reuses this one's runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from flows.specs import StageSpec
+from llm.files import sha256_file
+
+_OWN_PACKAGES = ("stages", "llm")
+_LIBS = ("torch", "transformers", "trl", "peft", "tokenizers", "datasets", "pyarrow")
+
+
+@cache
+def _imports_of(path: str, modname: str) -> tuple[str, ...]:
+    """Project modules (`stages.*`, `llm.*`) a source file imports, found statically (no import side effects)."""
+    tree = ast.parse(Path(path).read_text(), filename=path)
+    pkg = modname if path.endswith("__init__.py") else modname.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for n in names:
+            if n.split(".")[0] in _OWN_PACKAGES:
+                found.add(n)
+    return tuple(sorted(found))
+
+
+def _source_closure(modname: str) -> dict[str, str]:
+    """Module name -> source file for a module and every project module it (transitively) imports."""
+    seen: dict[str, str] = {}
+    todo = [modname]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        origin = getattr(spec, "origin", None)
+        if not origin or not origin.endswith(".py"):
+            if name not in (modname,) and "." in name:
+                seen[name] = ""  # `from pkg import name` where name is not a module
+            continue
+        seen[name] = origin
+        parent = name.rpartition(".")[0]
+        if parent:
+            todo.append(parent)  # importing a.b runs a/__init__.py first
+        todo.extend(_imports_of(origin, name))
+    return {k: v for k, v in seen.items() if v}
+
+
+def code_version(spec: StageSpec) -> str:
+    """Hash of the code a stage's result depends on: its module, the project modules it imports (transitively),
+    and the versions of the libraries that compute it. Editing another stage's module does not change it."""
+    files = _source_closure(spec.module)
+    if not files:  # a module without a source file (built in memory, e.g. in tests): its name stands in
+        files = {spec.module: ""}
+    h = hashlib.sha256()
+    for name, path in sorted(files.items()):
+        h.update(name.encode() + b"\0")
+        if path:
+            h.update(bytes.fromhex(sha256_file(path)))
+    for lib in _LIBS:
+        try:
+            h.update(f"{lib}=={importlib.metadata.version(lib)};".encode())
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return h.hexdigest()[:16]
+
+
+def cache_key(stage: str, cfg: BaseModel, input_hashes: Mapping[str, str], code: str) -> str:
+    blob = json.dumps(
+        {"stage": stage, "config": cfg.model_dump(mode="json"), "inputs": dict(input_hashes), "code": code},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,155 @@
+"""`llm-pipeline serve`: the pipeline and every stage as Prefect deployments on a Prefect server, their runs
+(started from the Prefect UI) executed by this process; client settings come from the environment or from the
+servers `llm-pipeline up` recorded."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from flows.supervisor import DEFAULT_WORK_DIR, ServerError, http_ok, read_state
+
+CLIENT_VARS = (
+    "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)  # fmt: skip
+
+
+def resolve_server_env(work_dir: Path = DEFAULT_WORK_DIR) -> dict[str, str]:
+    """Client settings (server URLs, credentials): from the environment, else from the servers `up` started from
+    `work_dir` (so `llm-pipeline up --detach && llm-pipeline serve` needs no exports)."""
+    env = {k: os.environ[k] for k in CLIENT_VARS if os.environ.get(k)}
+    state = read_state(Path(work_dir).resolve())
+    if state:
+        recorded = state.get("env", {})
+        # Only fill in what belongs to a server the environment does not already name.
+        for prefix, url_var in (("PREFECT_", "PREFECT_API_URL"), ("MLFLOW_", "MLFLOW_TRACKING_URI")):
+            if url_var not in env:
+                env.update({k: v for k, v in recorded.items() if k.startswith(prefix) and k in CLIENT_VARS})
+    return env
+
+
+def build_deployments(
+    flows: dict[str, Any],
+    name: str,
+    parameters: dict[str, dict[str, Any]] | None = None,
+    tags: list[str] | None = None,
+) -> list[Any]:
+    """One deployment per flow, all under the same deployment name (the config's), e.g. `pipeline/tiny`."""
+    from prefect.types.entrypoint import EntrypointType
+
+    parameters = parameters or {}
+    out = []
+    for key, flow in flows.items():
+        # A module entrypoint (`flows.stage_flow.sft_flow`) resolves through the package wherever the worker runs;
+        # a file path would depend on the directory `serve` was started from.
+        kwargs: dict[str, Any] = {
+            "name": name,
+            "tags": [*(tags or []), key],
+            "entrypoint_type": EntrypointType.MODULE_PATH,
+        }
+        if parameters.get(key):
+            kwargs["parameters"] = parameters[key]
+        if flow.description:
+            kwargs["description"] = flow.description
+        out.append(flow.to_deployment(**kwargs))
+    return out
+
+
+def default_config() -> Path | None:
+    """The config `llm-pipeline run` uses without --config, so the UI's forms start from the same values."""
+    from flows.cli import DEFAULT_CONFIG  # here, not at the top: flows.cli imports this module
+
+    path = Path(DEFAULT_CONFIG)
+    return path if path.is_file() else None
+
+
+def config_parameters(cfg: Any, flows: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Deployment defaults from a loaded pipeline config, so the UI's run form starts from that config's values."""
+    from flows.config import dump_config
+
+    full = dump_config(cfg)
+    params: dict[str, dict[str, Any]] = {}
+    for key in flows:
+        if key == "pipeline":
+            params[key] = {"config": full}
+        elif key in full:
+            params[key] = {"config": full[key], "pipeline": full["pipeline"]}
+    return params
+
+
+def pipeline_flows() -> dict[str, Any]:
+    from flows.pipeline import pipeline_flow
+    from flows.stage_flow import STAGE_FLOWS
+
+    return {"pipeline": pipeline_flow, **STAGE_FLOWS}
+
+
+def serve(
+    work_dir: Path = DEFAULT_WORK_DIR,
+    name: str = "default",
+    limit: int = 1,
+    flows: dict[str, Any] | None = None,
+    parameters: dict[str, dict[str, Any]] | None = None,
+    config: Path | None = None,
+    overrides: list[str] | None = None,
+    out: Any = None,
+) -> int:
+    """Register the deployments against the Prefect server and run their flow runs here until Ctrl-C."""
+    out = out or sys.stdout
+    env = resolve_server_env(work_dir)
+    if "PREFECT_API_URL" not in env:
+        raise ServerError(
+            "no Prefect server to serve the deployments to: start one with `llm-pipeline up` (same --work-dir) "
+            "or export PREFECT_API_URL=http://HOST:4200/api."
+        )
+    api = env["PREFECT_API_URL"].rstrip("/")
+    if not http_ok(f"{api}/health", timeout=5):
+        raise ServerError(
+            f"the Prefect server at PREFECT_API_URL={api} does not answer; is `llm-pipeline up` running?"
+        )
+    if "MLFLOW_TRACKING_URI" not in env:
+        print(
+            "Note: MLFLOW_TRACKING_URI is not set, so runs are tracked in the local embedded store; "
+            "start `llm-pipeline up` for an MLflow server.",
+            file=out,
+        )
+    # The environment reaches the flow-run subprocesses (and MLflow in them); Prefect may already have read its
+    # settings in this process, so they are also overridden explicitly.
+    os.environ.update(env)
+    from prefect import serve as prefect_serve
+    from prefect.settings import temporary_settings
+
+    updates: dict[str, Any] = {"api.url": api}
+    if env.get("PREFECT_API_AUTH_STRING"):
+        updates["api.auth_string"] = env["PREFECT_API_AUTH_STRING"]
+
+    flows = flows if flows is not None else pipeline_flows()
+    if parameters is None:
+        from flows.config import load_config
+
+        config = config if config is not None else default_config()
+        try:
+            cfg = load_config(config, overrides)
+        except Exception as e:  # flows.config.ConfigError: a StageError naming the file and key
+            raise ServerError(str(e)) from None
+        parameters = config_parameters(cfg, flows)
+    deployments = build_deployments(flows, name, parameters, tags=["llm-pipeline"])
+    ui = api[: -len("/api")] if api.endswith("/api") else api
+    print(
+        f"Serving {len(deployments)} deployments ({', '.join(f'{k}/{name}' for k in flows)}) from {api}.\n"
+        f"Start runs from the Prefect UI: {ui}/deployments",
+        file=out,
+        flush=True,
+    )
+    with temporary_settings(updates=updates):
+        prefect_serve(*deployments, limit=limit, print_starting_message=False)
+    return 0
+
+
+def deployment_name(config: Path | None) -> str:
+    """The deployments' name: the config file's stem (`pipeline/tiny`), else `default`."""
+    config = config if config is not None else default_config()
+    return config.stem if config is not None else "default"

@@ -1,0 +1,218 @@
+"""Lineage in MLflow: the tags a stage run records, finding the upstream runs a stage starts from, its input
+references, the finished run with a given cache key, and fetching (verified) artifacts of earlier runs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows.paths import check_inside, check_run_id, safe_artifact_path
+from flows.specs import StageSpec
+from flows.tracking import Tracking, call_with_retry, is_transient
+from llm.files import atomic_dir, sha256_tree
+from stages.common import StageError
+
+TAG_STAGE = "llm.stage"
+TAG_CACHE_KEY = "llm.cache_key"
+TAG_CODE = "llm.code_version"
+TAG_PIPELINE = "llm.pipeline"  # "true" on a pipeline (parent) run
+TAG_PIPELINE_RUN = "llm.pipeline_run_id"
+TAG_OUTPUTS = "llm.outputs"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@dataclass
+class InputRef:
+    name: str
+    stage: str
+    run_id: str
+    artifact: str
+    sha256: str
+
+
+def get_run(tracking: Tracking, run_id: str) -> Any:
+    check_run_id(run_id)
+    try:
+        return tracking.client.get_run(run_id)
+    except Exception as e:
+        if is_transient(e):
+            raise
+        raise StageError(f"MLflow run {run_id} not found at {tracking.uri}; check the id (--from-run)") from e
+
+
+def _latest_finished(tracking: Tracking, tags: Mapping[str, str]) -> Any | None:
+    """The most recently started FINISHED run carrying all of `tags`."""
+    where = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    runs = tracking.client.search_runs(
+        [tracking.experiment_id],
+        filter_string=" and ".join([*where, "attributes.status = 'FINISHED'"]),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def latest_run(tracking: Tracking, stage: str) -> Any | None:
+    return _latest_finished(tracking, {TAG_STAGE: stage})
+
+
+def find_cached(tracking: Tracking, stage: str, key: str) -> Any | None:
+    return _latest_finished(tracking, {TAG_STAGE: stage, TAG_CACHE_KEY: key})
+
+
+def _chosen_runs(tracking: Tracking, from_run: Sequence[str], chosen: dict[str, str]) -> None:
+    """Fill `chosen` (stage -> run id) from --from-run items: a pipeline run brings all its stage runs, a stage run
+    brings itself and its recorded ancestors; entries already in `chosen` win."""
+    queue: list[Any] = []
+    for item in from_run:
+        item = item.strip()
+        if not item or item == "latest":
+            continue
+        stage, _, rid = item.rpartition("=")
+        run = get_run(tracking, rid)
+        if stage:
+            if run.data.tags.get(TAG_STAGE) != stage:
+                raise StageError(f"--from-run {item}: run {rid} is not a '{stage}' stage run")
+            chosen.setdefault(stage, rid)
+        queue.append(run)
+    seen: set[str] = set()
+    while queue:
+        run = queue.pop(0)
+        if run.info.run_id in seen:
+            continue
+        seen.add(run.info.run_id)
+        tags = run.data.tags
+        if tags.get(TAG_PIPELINE) == "true":
+            for k, v in tags.items():
+                if k.startswith("llm.stage_run."):
+                    chosen.setdefault(k.removeprefix("llm.stage_run."), v)
+        elif tags.get(TAG_STAGE):
+            chosen.setdefault(tags[TAG_STAGE], run.info.run_id)
+            for k, v in tags.items():
+                if k.startswith("llm.upstream.") and k.removeprefix("llm.upstream.") not in chosen:
+                    queue.append(get_run(tracking, v))
+
+
+def resolve_upstream(
+    tracking: Tracking,
+    spec: StageSpec,
+    from_run: Sequence[str] | None = None,
+    upstream: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Upstream stage -> MLflow run, from (in order of precedence) `upstream`, `from_run`, the latest finished run.
+
+    Each `from_run` item is `RUN_ID` or `stage=RUN_ID`. A pipeline run id brings all its stage runs; a stage run
+    brings itself and its recorded ancestors.
+    """
+    chosen: dict[str, str] = {k: check_run_id(v) for k, v in (upstream or {}).items()}
+    _chosen_runs(tracking, from_run or [], chosen)
+    runs: dict[str, Any] = {}
+    for stage in spec.upstream_stages:
+        if stage in chosen:
+            run = get_run(tracking, chosen[stage])
+            if run.info.status != "FINISHED" or run.data.tags.get(TAG_STAGE) != stage:
+                raise StageError(
+                    f"run {run.info.run_id} is not a finished '{stage}' run (status {run.info.status}); "
+                    f"pass a finished run with --from-run {stage}=<run id>"
+                )
+        else:
+            run = latest_run(tracking, stage)
+            if run is None:
+                raise StageError(
+                    f"stage '{spec.name}' needs a finished '{stage}' run, and experiment "
+                    f"'{tracking.experiment_name}' at {tracking.uri} has none; run `llm-pipeline stage {stage}` "
+                    f"first or pass --from-run {stage}=<run id>"
+                )
+        runs[stage] = run
+    return runs
+
+
+def input_refs(spec: StageSpec, runs: Mapping[str, Any]) -> list[InputRef]:
+    refs = []
+    for name, (stage, output) in sorted(spec.inputs.items()):
+        run = runs[stage]
+        tags = run.data.tags
+        art, sha = tags.get(f"llm.output.{output}.artifact"), tags.get(f"llm.output.{output}.sha256")
+        if not art or not sha:
+            if name in spec.optional:
+                continue
+            raise StageError(
+                f"stage '{spec.name}' needs output '{output}' of the '{stage}' run {run.info.run_id}, which did "
+                f"not record it (its outputs: {tags.get(TAG_OUTPUTS, 'none')})"
+            )
+        refs.append(InputRef(name, stage, run.info.run_id, safe_artifact_path(art, f"output '{output}'"), sha))
+    return refs
+
+
+def fetch_artifact(tracking: Tracking, run_id: str, artifact: str, sha256: str, work_dir: Path) -> Path:
+    """Local copy of a run's artifact under work_dir/inputs, downloaded once and checked against its sha256."""
+    check_run_id(run_id)
+    artifact = safe_artifact_path(artifact)
+    root = work_dir / "inputs" / run_id
+    local = root / artifact
+    check_inside(local, work_dir, "artifact destination")
+    if local.exists() and sha256_tree(local) == sha256:
+        return local
+    import mlflow.artifacts
+
+    top, _, rest = artifact.partition("/")
+    with atomic_dir(root / top) as tmp:
+
+        def download() -> str:
+            return mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=top, dst_path=str(tmp), tracking_uri=tracking.uri
+            )
+
+        call_with_retry(download, f"download of {top} from run {run_id}", deadline_s=120)
+        for f in tmp.rglob("*"):
+            check_inside(f, tmp, f"downloaded file of run {run_id}")
+        # download_artifacts puts the folder under dst/<top>; lift its contents to the staging root
+        inner = tmp / top
+        if inner.is_dir():
+            for child in list(inner.iterdir()):
+                child.rename(tmp / child.name)
+            inner.rmdir()
+        staged = tmp / rest if rest else tmp
+        if not staged.exists():
+            raise StageError(f"artifact {artifact} of run {run_id} is missing in the artifact store")
+        got = sha256_tree(staged)
+        if got != sha256:  # checked before the copy takes the final name, so a corrupt copy is never reused
+            raise StageError(
+                f"artifact {artifact} of run {run_id} does not match its recorded sha256 ({got[:12]} != "
+                f"{sha256[:12]}); the artifact store is corrupt: rerun that stage with --force"
+            )
+    return local
+
+
+def _input_profile(local: Path) -> dict[str, Any]:
+    """Scalar fields of an input folder's manifest.json, shown with the dataset in MLflow."""
+    manifest = local / "manifest.json" if local.is_dir() else None
+    if not manifest or not manifest.is_file():
+        return {}
+    try:
+        m = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+    return {k: v for k, v in m.items() if isinstance(v, int | float | str) and len(str(v)) < 200}
+
+
+def log_inputs(tracking: Tracking, run_id: str, refs: Sequence[InputRef], local: Mapping[str, Path]) -> None:
+    """Record the inputs as MLflow datasets of the run (name, digest, the run and artifact they came from)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    datasets = []
+    for ref in refs:
+        profile = _input_profile(local[ref.name])
+        ds = Dataset(
+            name=f"{ref.stage}.{ref.name}",
+            digest=ref.sha256[:16],
+            source_type="mlflow_run_artifact",
+            source=json.dumps({"run_id": ref.run_id, "artifact_path": ref.artifact}),
+            profile=json.dumps(profile) if profile else None,
+        )
+        datasets.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", ref.name)]))
+    if datasets:
+        tracking.client.log_inputs(run_id, datasets=datasets)

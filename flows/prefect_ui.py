@@ -1,0 +1,128 @@
+"""What a run shows in the Prefect UI: summary artifacts (metrics, MLflow links, samples) and this project's log
+records in the run's log."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from functools import cache
+
+from flows.stage_runner import StageOutcome
+
+log = logging.getLogger(__name__)
+
+OWN_LOGGERS = ("flows", "stages", "llm")
+
+# The metrics that say whether a stage did its job, shown first in the summary (each stage logs many more).
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "ingest": ("rows",),
+    "tokenizer": ("vocab_size", "val/bytes_per_token"),
+    "pretrain": ("val/loss", "val/bpb", "eval/exact_match"),
+    "sft": ("eval/exact_match",),
+    "reward": ("eval/pairwise_accuracy", "eval/reward_margin"),
+    "ppo": ("eval/reward_mean", "eval/sft_reward_mean", "eval/kl", "eval/exact_match"),
+}
+KEY_METRICS_SHOWN = 5
+
+
+def stage_summary_markdown(out: StageOutcome) -> str:
+    """The `<stage>-summary` Prefect artifact: the run (linked to MLflow), its upstream runs (linked), metrics."""
+    status = f"reused finished run `{out.run_id}` (cache hit)" if out.reused else f"new run `{out.run_id}`"
+    lines = [f"### {out.stage}: {status}", ""]
+    if out.link:
+        lines += [f"MLflow run: [{out.run_id}]({out.link})", ""]
+    elif out.tracking_uri:
+        lines += [f"MLflow run `{out.run_id}` in `{out.tracking_uri}`; browse it with "
+                  f"`mlflow ui --backend-store-uri {out.tracking_uri}` or `llm-pipeline up`", ""]
+    if out.upstream:
+        ups = [f"{s} [{r}]({out.upstream_links[s]})" if out.upstream_links.get(s) else f"{s} `{r}`"
+               for s, r in sorted(out.upstream.items())]
+        lines += ["Upstream runs: " + ", ".join(ups), ""]
+    lines += ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.6g} |" for k, v in sorted(out.metrics.items())]
+    return "\n".join(lines)
+
+
+def publish_prefect_artifacts(out: StageOutcome) -> None:
+    """Metrics table, MLflow link and sample generations on the current Prefect flow run."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    key = re.sub(r"[^a-z0-9-]", "-", out.stage.lower())
+    create_markdown_artifact(stage_summary_markdown(out), key=f"{key}-summary", description=f"{out.stage} stage metrics")
+    if out.link:
+        create_link_artifact(out.link, link_text=f"MLflow run {out.run_id}", key=f"{key}-mlflow-run")
+    if out.samples:
+        create_table_artifact(out.samples[:20], key=f"{key}-samples", description=f"{out.stage} sample generations")
+
+
+def key_metrics(stage: str, metrics: Mapping[str, float], limit: int = KEY_METRICS_SHOWN) -> list[str]:
+    """Names of the metrics to show for a stage: its headline metrics that were logged, then others (overall
+    metrics before per-kind breakdowns such as `eval/exact_match/add`) up to `limit`."""
+    head = [k for k in HEADLINE_METRICS.get(stage, ()) if k in metrics]
+    rest = sorted((k for k in metrics if k not in head), key=lambda k: (k.count("/"), k))
+    return head + rest[: max(0, limit - len(head))]
+
+
+def pipeline_summary_markdown(
+    outcomes: Sequence[StageOutcome],
+    model: str,
+    version: str | None,
+    created: bool,
+    parent_run_id: str = "",
+    parent_link: str | None = None,
+    experiment_link: str | None = None,
+    experiment: str = "",
+    ui_hint: str = "",
+) -> str:
+    """The `pipeline-summary` Prefect artifact: the pipeline run, each stage's run and key metrics, the model."""
+    lines = ["### Pipeline", ""]
+    if parent_run_id:
+        run = f"[{parent_run_id}]({parent_link})" if parent_link else f"`{parent_run_id}`"
+        lines.append(f"Pipeline MLflow run: {run} (the stage runs are nested under it)  ")
+    if experiment:
+        exp = f"[{experiment}]({experiment_link})" if experiment_link else f"`{experiment}`"
+        lines.append(f"MLflow experiment: {exp}" + ("" if experiment_link or not ui_hint else f"; browse with `{ui_hint}`"))
+    if parent_run_id or experiment:
+        lines.append("")
+    lines += ["| stage | MLflow run | status | wall s | key metrics |", "|---|---|---|---|---|"]
+    for o in outcomes:
+        key = ", ".join(f"{k}={o.metrics[k]:.4g}" for k in key_metrics(o.stage, o.metrics))
+        run = f"[{o.run_id}]({o.link})" if o.link else f"`{o.run_id}`"
+        lines.append(f"| {o.stage} | {run} | {'reused' if o.reused else 'ran'} | {o.wall_s:.1f} | {key} |")
+    if version:
+        lines += ["", f"Registered model `models:/{model}/{version}` ({'new version' if created else 'unchanged'})."]
+    return "\n".join(lines)
+
+
+def publish_pipeline_summary(summary: str) -> None:
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(summary, key="pipeline-summary", description="Stages, MLflow runs, registered model")
+    except Exception as e:  # a view of the runs; never fail a finished pipeline over it
+        log.warning("could not create the Prefect summary artifact: %s", e)
+
+
+class _InPrefectRun(logging.Filter):
+    """Passes records emitted inside a Prefect flow or task run (the API handler has nowhere to send others)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+@cache
+def route_logs_to_prefect() -> None:
+    """Send this project's own log records (INFO and up) to the Prefect run they happen in, so the run's log in the
+    UI says what the stage did; library chatter (prints, other loggers) stays on the worker's console."""
+    from prefect.logging.handlers import APILogHandler
+
+    handler = APILogHandler(level=logging.INFO)
+    handler.addFilter(_InPrefectRun())
+    for name in OWN_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:  # an explicit level set by the user wins
+            logger.setLevel(logging.INFO)
+        logger.addHandler(handler)

@@ -1,0 +1,431 @@
+"""`llm-pipeline up` / `down`: a Prefect server and an MLflow server with local storage, supervised until Ctrl-C
+(or left running with --detach and stopped by `down`).
+
+Both servers bind to 127.0.0.1 unless `--host` says otherwise; exposing them turns on authentication
+(Prefect's basic auth string and MLflow's basic-auth app) with generated credentials kept in the work dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from flows.credentials import client_credentials, ensure_credentials, mlflow_auth_env, write_private
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PREFECT_PORT = 4200
+DEFAULT_MLFLOW_PORT = 5000
+DEFAULT_WORK_DIR = Path(".llm-pipeline")
+# The MLflow store sits where the embedded default writes (flows/tracking.py), so runs made without a server
+# show up in the UI once `up` is running.
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
+STATE_FILE = "servers.json"
+
+
+class ServerError(Exception):
+    """A problem starting or finding the servers that the user can fix; the message says how."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands. Kept as plain argv builders so docker/compose.yaml can be checked against them (tests/test_docker.py).
+
+
+def prefect_command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+
+
+def mlflow_command(
+    host: str,
+    port: int,
+    backend_store_uri: str,
+    artifacts_destination: str,
+    *,
+    workers: int = 1,
+    auth: bool = False,
+    allowed_hosts: list[str] | None = None,
+) -> list[str]:
+    argv = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", host,
+        "--port", str(port),
+        "--backend-store-uri", backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination", artifacts_destination,
+        # One worker is plenty for a team's tracking traffic on a laptop and keeps memory low; raise it with
+        # --mlflow-workers for a busy shared server.
+        "--workers", str(workers),
+    ]  # fmt: skip
+    if auth:
+        argv += ["--app-name", "basic-auth"]
+    if allowed_hosts:
+        argv += ["--allowed-hosts", ",".join(allowed_hosts)]
+    return argv
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def advertised_host(host: str) -> str:
+    """The name a browser or client should use to reach a server bound to `host`."""
+    if host in ("0.0.0.0", "::", ""):
+        return socket.getfqdn()
+    return host
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@dataclass
+class Endpoints:
+    prefect_url: str  # the UI
+    prefect_api_url: str
+    mlflow_url: str  # UI and tracking URI
+
+    @classmethod
+    def make(cls, host: str, prefect_port: int, mlflow_port: int) -> Endpoints:
+        h = _url_host(host)
+        return cls(
+            f"http://{h}:{prefect_port}", f"http://{h}:{prefect_port}/api", f"http://{h}:{mlflow_port}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes.
+
+
+def port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As the servers bind: connections of a stopped server lingering in TIME_WAIT do not block a restart.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when something answers `url` with a 2xx, or with 401 (up, but behind auth)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return 200 <= r.status < 300
+    except urllib.error.HTTPError as e:
+        return e.code == 401
+    except (OSError, ValueError):
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(pid: int, grace_s: float = 20.0) -> None:
+    """SIGTERM the process group led by `pid` (servers spawn workers), then SIGKILL what is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    health_url: str
+    log: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self, cwd: Path) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            # A session of its own: Ctrl-C in the terminal reaches only `up`, which then stops each server's
+            # whole process group in order, instead of the servers' workers dying in random order.
+            self.proc = subprocess.Popen(
+                self.argv, cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+
+    def log_tail(self, n: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+
+def wait_healthy(servers: list[Server], timeout_s: float) -> None:
+    pending = list(servers)
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        for s in list(pending):
+            assert s.proc is not None
+            if s.proc.poll() is not None:
+                raise ServerError(
+                    f"the {s.name} server exited with code {s.proc.returncode} while starting; "
+                    f"its log {s.log} ends with:\n{s.log_tail()}"
+                )
+            if http_ok(s.health_url):
+                pending.remove(s)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(s.name for s in pending)
+            raise ServerError(
+                f"{names} did not answer its health check within {timeout_s:.0f} s; see {pending[0].log} "
+                f"(raise --timeout on a slow machine)."
+            )
+        if pending:
+            time.sleep(0.5)
+
+
+def _state_path(work_dir: Path) -> Path:
+    return work_dir / "servers" / STATE_FILE
+
+
+def read_state(work_dir: Path) -> dict[str, Any] | None:
+    """The servers a running (or detached) `up` started from this work dir, if they are still alive."""
+    path = _state_path(work_dir)
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not all(pid_alive(int(pid)) for pid in state.get("pids", {}).values()):
+        return None
+    return state
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _check_can_start(work_dir: Path, host: str, prefect_port: int, mlflow_port: int) -> None:
+    running = read_state(work_dir)
+    if running:
+        raise ServerError(
+            f"servers from {work_dir} are already running (Prefect {running['prefect_url']}, MLflow "
+            f"{running['mlflow_url']}); stop them with `llm-pipeline down --work-dir {work_dir}`."
+        )
+    for name, port, flag in (
+        ("Prefect", prefect_port, "--prefect-port"),
+        ("MLflow", mlflow_port, "--mlflow-port"),
+    ):
+        if not port_free(host, port):
+            raise ServerError(
+                f"port {port} on {host} (for {name}) is already in use; pick another with {flag} PORT."
+            )
+
+
+def _server_envs(
+    work_dir: Path, state_dir: Path, ep: Endpoints, auth: bool
+) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Environments of the Prefect and the MLflow server, and the client settings that reach them."""
+    base = dict(os.environ)
+    base.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    base.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    # MLflow's job runner serves GenAI features (online scoring, trace archival) this project does not use; it is
+    # seven extra processes and makes shutdown slow.
+    base.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # Client settings in the caller's shell must not leak into the servers themselves.
+    for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI"):
+        base.pop(k, None)
+    prefect_env = dict(base)
+    prefect_env["PREFECT_HOME"] = str(work_dir / "prefect")
+    # The UI is a static app that calls the API at this address; without it a server on a port other than 4200
+    # serves a UI that talks to :4200.
+    prefect_env["PREFECT_UI_API_URL"] = ep.prefect_api_url
+    mlflow_env = dict(base)
+    client_env = {"PREFECT_API_URL": ep.prefect_api_url, "MLFLOW_TRACKING_URI": ep.mlflow_url}
+    if auth:
+        creds = ensure_credentials(state_dir)
+        prefect_env["PREFECT_SERVER_API_AUTH_STRING"] = creds["PREFECT_SERVER_API_AUTH_STRING"]
+        mlflow_env.update(mlflow_auth_env(creds, state_dir, work_dir))
+        client_env.update(client_credentials(creds))
+    return prefect_env, mlflow_env, client_env
+
+
+def _allowed_hosts(adv: str) -> list[str]:
+    """Host headers an exposed MLflow server answers (it refuses others): loopback, its advertised name, LANs."""
+    return ["localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*", adv, f"{adv}:*", "10.*", "192.168.*"]
+
+
+def _start_and_record(
+    servers: list[Server], work_dir: Path, ep: Endpoints, client_env: dict[str, str], timeout_s: float, out: Any
+) -> Path:
+    """Start the servers, wait until they answer, record them for `down`/`serve`; returns the env.sh written."""
+    print(f"Starting Prefect and MLflow servers (storage and logs under {work_dir}) ...", file=out, flush=True)
+    for s in servers:
+        s.start(cwd=work_dir)
+    wait_healthy(servers, timeout_s)
+    env_sh = work_dir / "servers" / "env.sh"
+    write_private(env_sh, "".join(f"export {k}={v}\n" for k, v in client_env.items()))
+    state = {
+        **asdict(ep),
+        "pids": {s.name: s.proc.pid for s in servers if s.proc},
+        "env": client_env,  # the file is owner-readable only: it may hold the client credentials
+    }
+    write_private(_state_path(work_dir), json.dumps(state, indent=2) + "\n")
+    return env_sh
+
+
+def _watch(servers: list[Server]) -> NoReturn:
+    """Block until interrupted; a server that stops meanwhile is an error that shows its log."""
+    while True:
+        for s in servers:
+            assert s.proc is not None
+            if s.proc.poll() is not None:
+                raise ServerError(
+                    f"the {s.name} server stopped unexpectedly (exit code {s.proc.returncode}); its log "
+                    f"{s.log} ends with:\n{s.log_tail()}"
+                )
+        time.sleep(1.0)
+
+
+def _stop_all(servers: list[Server], work_dir: Path, out: Any) -> None:
+    for s in servers:
+        if s.proc is not None:
+            stop_group(s.proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                s.proc.wait(timeout=5)
+    with contextlib.suppress(FileNotFoundError):
+        _state_path(work_dir).unlink()
+    print("Servers stopped.", file=out, flush=True)
+
+
+def up(
+    work_dir: Path = DEFAULT_WORK_DIR,
+    host: str = DEFAULT_HOST,
+    prefect_port: int = DEFAULT_PREFECT_PORT,
+    mlflow_port: int = DEFAULT_MLFLOW_PORT,
+    *,
+    detach: bool = False,
+    auth: bool | None = None,
+    advertise: str | None = None,
+    mlflow_workers: int = 1,
+    timeout_s: float = 180.0,
+    out: Any = None,
+) -> int:
+    """Start both servers, wait until they answer, print where they are; block until Ctrl-C unless `detach`."""
+    out = out or sys.stdout
+    work_dir = Path(work_dir).resolve()
+    state_dir = work_dir / "servers"
+    _check_can_start(work_dir, host, prefect_port, mlflow_port)
+    exposed = not is_loopback(host)
+    auth = exposed if auth is None else auth
+    adv = advertise or advertised_host(host)
+    ep = Endpoints.make(adv, prefect_port, mlflow_port)
+    (work_dir / MLFLOW_ARTIFACTS).mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    prefect_env, mlflow_env, client_env = _server_envs(work_dir, state_dir, ep, auth)
+    loop = _url_host(host if not exposed else "127.0.0.1")
+    servers = [
+        Server("Prefect", prefect_command(host, prefect_port), prefect_env,
+               f"http://{loop}:{prefect_port}/api/health", state_dir / "prefect.log"),
+        Server("MLflow",
+               mlflow_command(host, mlflow_port, f"sqlite:///{work_dir / MLFLOW_DB}", str(work_dir / MLFLOW_ARTIFACTS),
+                              workers=mlflow_workers, auth=auth, allowed_hosts=_allowed_hosts(adv) if exposed else None),
+               mlflow_env, f"http://{loop}:{mlflow_port}/health", state_dir / "mlflow.log"),
+    ]  # fmt: skip
+    leave_running = False
+    with _sigterm_as_interrupt():
+        try:
+            env_sh = _start_and_record(servers, work_dir, ep, client_env, timeout_s, out)
+            _print_banner(out, ep, client_env, env_sh, servers, exposed, auth, detach, state_dir)
+            if detach:
+                leave_running = True
+                return 0
+            _watch(servers)
+        except KeyboardInterrupt:
+            print("\nStopping the servers ...", file=out, flush=True)
+            return 0
+        finally:
+            if not leave_running:
+                _stop_all(servers, work_dir, out)
+
+
+def _print_banner(
+    out: Any, ep: Endpoints, client_env: dict[str, str], env_sh: Path, servers: list[Server],
+    exposed: bool, auth: bool, detach: bool, state_dir: Path,
+) -> None:  # fmt: skip
+    lines = [
+        "",
+        f"  Prefect UI:  {ep.prefect_url}",
+        f"  MLflow UI:   {ep.mlflow_url}",
+        "",
+        "  Point the CLI, `llm-pipeline serve` and notebooks at them (also written to " + str(env_sh) + "):",
+        *(
+            f"    export {k}={v}"
+            for k, v in client_env.items()
+            if k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")
+        ),
+        *([f"    source {env_sh}    # the same, plus the client credentials"] if auth else []),
+        "",
+        "  Logs: " + ", ".join(str(s.log) for s in servers),
+    ]
+    if auth:
+        lines += [
+            f"  Authentication is on; the credentials are in {state_dir / 'credentials.env'} (owner-readable only).",
+        ]
+    elif exposed:
+        lines += ["  WARNING: exposed on the network WITHOUT authentication (--no-auth)."]
+    lines += ["  Stop with `llm-pipeline down`." if detach else "  Press Ctrl-C to stop both servers.", ""]
+    print("\n".join(lines), file=out, flush=True)
+
+
+def down(work_dir: Path = DEFAULT_WORK_DIR, out: Any = None) -> int:
+    out = out or sys.stdout
+    work_dir = Path(work_dir).resolve()
+    path = _state_path(work_dir)
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        print(f"No servers recorded in {path}; nothing to stop.", file=out)
+        return 0
+    for name, pid in state.get("pids", {}).items():
+        if pid_alive(int(pid)):
+            print(f"Stopping {name} (pid {pid}) ...", file=out, flush=True)
+            stop_group(int(pid))
+    path.unlink(missing_ok=True)
+    print("Servers stopped.", file=out)
+    return 0
