@@ -152,7 +152,8 @@ def _prestart_prefect() -> _TemporaryPrefect | None:
     """The temporary server of this process (started on the first call), or None when PREFECT_API_URL is given."""
     if _SERVER:
         return _SERVER[0]
-    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+    # The CLI calls this before anything imports Prefect, whose settings are read once at import.
+    if os.environ.get("PREFECT_API_URL"):
         return None
     server = _TemporaryPrefect()
     server.start()
