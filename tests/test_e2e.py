@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -27,6 +29,15 @@ EXPECTED_METRICS = {
     "ppo": {"eval/reward_mean", "eval/sft_reward_mean", "eval/kl", "eval/exact_match"},
 }
 MODEL = "smoke-assistant"
+README = ROOT / "README.md"
+
+
+def readme_commands(*subcommands: str) -> list[list[str]]:
+    """The README's `llm-pipeline <subcommand> ...` lines (continuations joined, comments dropped), as argv lists."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    lines = " ".join(blocks).replace("\\\n", " ").splitlines()
+    cmds = [shlex.split(line, comments=True) for line in lines]
+    return [c for c in cmds if len(c) > 1 and c[0] == "llm-pipeline" and c[1] in subcommands]
 
 
 def _cli(tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -101,6 +112,7 @@ def test_tiny_pipeline_end_to_end_then_cached_then_forced(tmp_path: Path) -> Non
     r = subprocess.run([*base, "generate", "--model", f"models:/{MODEL}/1", "--prompt", "What is 2 + 3?", "--chat",
                         "--max-new-tokens", "4"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    _run_readme_examples(base, tmp_path, env, by_stage["pretrain"].info.run_id, by_stage["ppo"].info.run_id)
 
     # issue 7 item 9: executing every stage again gives byte-identical artifacts and no duplicate model version
     _cli(tmp_path, "--force")
@@ -109,3 +121,19 @@ def test_tiny_pipeline_end_to_end_then_cached_then_forced(tmp_path: Path) -> Non
     again = _hashes(c, [p3.data.tags[f"llm.stage_run.{s}"] for s in EXPECTED_METRICS])
     assert again == first
     assert len(c.search_model_versions(f"name='{MODEL}'")) == 1
+
+
+def _run_readme_examples(base: list[str], tmp: Path, env: dict[str, str], pretrain_run: str, ppo_run: str) -> None:
+    """Every `generate` / `export` example of the README, on this smoke pipeline's runs and registered model."""
+    cmds = readme_commands("generate", "export")
+    assert len(cmds) >= 3, "the README lost its generate/export examples"
+    for argv in cmds:
+        args = [a.replace("tiny-assistant", MODEL).replace("./my-model", str(tmp / "my-model")) for a in argv[1:]]
+        run_id = ppo_run if "export" in args else pretrain_run
+        args = [run_id if a == "<RUN_ID>" else a for a in args]
+        if "generate" in args and "--max-new-tokens" not in args:
+            args += ["--max-new-tokens", "8"]
+        r = subprocess.run([*base, *args], capture_output=True, text=True, cwd=tmp, env=env, timeout=600)
+        assert r.returncode == 0, f"README example {shlex.join(argv)} failed: {r.stderr[-3000:]}"
+        assert r.stdout.strip(), f"README example {shlex.join(argv)} printed nothing"
+    assert (tmp / "my-model" / "config.json").is_file(), "the README's export example wrote no model folder"
