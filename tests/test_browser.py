@@ -142,7 +142,6 @@ def wait_run_state(page, stack: Stack, run_name: str, timeout_s: float) -> str:
 
 
 def test_users_path_through_prefect_and_mlflow(stack, shots):
-    from playwright.sync_api import expect
 
     wait_registered(stack)
     base = stack.client_env["PREFECT_API_URL"].removesuffix("/api")
@@ -153,35 +152,7 @@ def test_users_path_through_prefect_and_mlflow(stack, shots):
         steps = Steps(page, shots, "prefect")
 
         # -- 2. The pipeline from the Prefect UI, one parameter changed in the custom-run form.
-        with steps.step("deployments"):
-            page.goto(f"{base}/deployments")
-            expect(page.get_by_role("link", name="pipeline", exact=True)).to_be_visible()
-        with steps.step("pipeline deployment"):
-            open_deployment(page, base, "pipeline")
-        with steps.step("custom run form pretrain max steps changed"):
-            run_name = open_custom_run_form(page)
-            # The Pretrain section is the one holding "Micro Batch Size"; its own "Max Steps" is the field to edit.
-            pretrain = (
-                page.get_by_role("group")
-                .filter(has=page.get_by_text("Micro Batch Size (Optional)", exact=True))
-                .filter(has=page.get_by_text("Max Steps (Optional)", exact=True))
-                .last
-            )
-            prop = form_property(page, "Max Steps (Optional)", pretrain)
-            steps_field = prop.get_by_role("spinbutton")
-            assert steps_field.input_value() == "4"
-            steps_field.fill("6")
-            from stages.pretrain import Config as PretrainConfig
-
-            # The field's description is shown with it (the pydantic Field description).
-            description = PretrainConfig.model_fields["max_steps"].description
-            expect(prop).to_contain_text(description.split("(")[0].strip())
-            steps_field.scroll_into_view_if_needed()
-        page.get_by_role("button", name="Submit", exact=True).click()
-        with steps.step("pipeline run completed"):
-            state = wait_run_state(page, stack, run_name, PIPELINE_TIMEOUT_S)
-            assert state == "Completed", f"pipeline run ended {state}; see {stack.serve_log}"
-            pipeline_run_url = page.url
+        pipeline_run_url = run_pipeline_with_changed_max_steps(page, steps, stack, base)
 
         from mlflow import MlflowClient
 
@@ -195,40 +166,86 @@ def test_users_path_through_prefect_and_mlflow(stack, shots):
         )
 
         # -- 3. Rerun only the sft stage from its deployment, against the pipeline's upstream runs.
-        with steps.step("sft custom run with force"):
-            open_deployment(page, base, "sft")
-            sft_run_name = open_custom_run_form(page)
-            # Top-level `force` (the nested pipeline section has its own "Force").
-            force = form_property(page, "force (Optional)").get_by_role("switch")
-            force.click()
-            expect(force).to_be_checked()
-            force.scroll_into_view_if_needed()
-        page.get_by_role("button", name="Submit", exact=True).click()
-        with steps.step("sft run completed"):
-            state = wait_run_state(page, stack, sft_run_name, STAGE_TIMEOUT_S)
-            assert state == "Completed", f"sft run ended {state}; see {stack.serve_log}"
-        with steps.step("sft run artifacts show its upstream runs"):
-            page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
-            page.get_by_role("link", name=re.compile("sft-summary")).click()
-            summary = page.get_by_role("article").filter(has_text="Upstream runs")
-            expect(summary).to_contain_text(stage_runs["pretrain"])
-            expect(page.get_by_text(re.compile(r"sft: new run"))).to_be_visible()
-            mlflow_link = page.get_by_role("link", name=re.compile(r"^[0-9a-f]{32}$")).first
-            expect(mlflow_link).to_have_attribute("href", re.compile(re.escape(mlflow_url)))
-        with prefect_api(stack) as c:
-            runs_by_flow: dict[str, int] = {}
-            flows = {f.id: f.name for f in c.read_flows()}
-            for fr in c.read_flow_runs():
-                runs_by_flow[flows[fr.flow_id]] = runs_by_flow.get(flows[fr.flow_id], 0) + 1
-        # The stage rerun started no other stage: each ran once, inside the pipeline run.
-        assert runs_by_flow == {"pipeline": 1, "ingest": 1, "tokenizer": 1, "pretrain": 1, "sft": 2, "reward": 1,
-                                "ppo": 1}, runs_by_flow  # fmt: skip
+        rerun_sft_from_its_deployment(page, steps, stack, base, mlflow_url, stage_runs)
 
         # -- 4. MLflow, reached from the Prefect run's summary the way a person clicks through.
         check_mlflow(page, Steps(page, shots, "mlflow"), pipeline_run_url, mlflow_url, exp.experiment_id,
                      parent.info.run_id, stage_runs)  # fmt: skip
     assert len(list(shots.glob("*.png"))) >= 10
     assert not list(shots.glob("*FAILED*"))
+
+
+def run_pipeline_with_changed_max_steps(page, steps: Steps, stack, base: str) -> str:
+    """Deployments -> pipeline -> custom run with pretrain's Max Steps 4 -> 6, submitted and waited for; returns
+    the flow run's page address."""
+    from playwright.sync_api import expect
+
+    with steps.step("deployments"):
+        page.goto(f"{base}/deployments")
+        expect(page.get_by_role("link", name="pipeline", exact=True)).to_be_visible()
+    with steps.step("pipeline deployment"):
+        open_deployment(page, base, "pipeline")
+    with steps.step("custom run form pretrain max steps changed"):
+        run_name = open_custom_run_form(page)
+        # The Pretrain section is the one holding "Micro Batch Size"; its own "Max Steps" is the field to edit.
+        pretrain = (
+            page.get_by_role("group")
+            .filter(has=page.get_by_text("Micro Batch Size (Optional)", exact=True))
+            .filter(has=page.get_by_text("Max Steps (Optional)", exact=True))
+            .last
+        )
+        prop = form_property(page, "Max Steps (Optional)", pretrain)
+        steps_field = prop.get_by_role("spinbutton")
+        assert steps_field.input_value() == "4"
+        steps_field.fill("6")
+        from stages.pretrain import Config as PretrainConfig
+
+        # The field's description is shown with it (the pydantic Field description).
+        description = PretrainConfig.model_fields["max_steps"].description
+        expect(prop).to_contain_text(description.split("(")[0].strip())
+        steps_field.scroll_into_view_if_needed()
+    page.get_by_role("button", name="Submit", exact=True).click()
+    with steps.step("pipeline run completed"):
+        state = wait_run_state(page, stack, run_name, PIPELINE_TIMEOUT_S)
+        assert state == "Completed", f"pipeline run ended {state}; see {stack.serve_log}"
+        pipeline_run_url = page.url
+    return pipeline_run_url
+
+
+def rerun_sft_from_its_deployment(page, steps: Steps, stack, base: str, mlflow_url: str,
+                                  stage_runs: dict[str, str]) -> None:
+    """The sft deployment run with force on; it must start from the pipeline's upstream runs and start no other
+    stage."""
+    from playwright.sync_api import expect
+
+    with steps.step("sft custom run with force"):
+        open_deployment(page, base, "sft")
+        sft_run_name = open_custom_run_form(page)
+        # Top-level `force` (the nested pipeline section has its own "Force").
+        force = form_property(page, "force (Optional)").get_by_role("switch")
+        force.click()
+        expect(force).to_be_checked()
+        force.scroll_into_view_if_needed()
+    page.get_by_role("button", name="Submit", exact=True).click()
+    with steps.step("sft run completed"):
+        state = wait_run_state(page, stack, sft_run_name, STAGE_TIMEOUT_S)
+        assert state == "Completed", f"sft run ended {state}; see {stack.serve_log}"
+    with steps.step("sft run artifacts show its upstream runs"):
+        page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
+        page.get_by_role("link", name=re.compile("sft-summary")).click()
+        summary = page.get_by_role("article").filter(has_text="Upstream runs")
+        expect(summary).to_contain_text(stage_runs["pretrain"])
+        expect(page.get_by_text(re.compile(r"sft: new run"))).to_be_visible()
+        mlflow_link = page.get_by_role("link", name=re.compile(r"^[0-9a-f]{32}$")).first
+        expect(mlflow_link).to_have_attribute("href", re.compile(re.escape(mlflow_url)))
+    with prefect_api(stack) as c:
+        runs_by_flow: dict[str, int] = {}
+        flows = {f.id: f.name for f in c.read_flows()}
+        for fr in c.read_flow_runs():
+            runs_by_flow[flows[fr.flow_id]] = runs_by_flow.get(flows[fr.flow_id], 0) + 1
+    # The stage rerun started no other stage: each ran once, inside the pipeline run.
+    assert runs_by_flow == {"pipeline": 1, "ingest": 1, "tokenizer": 1, "pretrain": 1, "sft": 2, "reward": 1,
+                            "ppo": 1}, runs_by_flow  # fmt: skip
 
 
 def check_mlflow(page, steps: Steps, pipeline_run_url: str, mlflow_url: str, exp_id: str, parent_id: str,
