@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from llm.device import resolve_device
+from llm.utils import FLAG_METAVAR, parse_flag
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -30,21 +31,21 @@ def add_repeat_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
 
 def add_loss_args(parser: argparse.ArgumentParser) -> None:
     """--fused-loss and --loss-kernel, as the training benches share them."""
-    parser.add_argument("--fused-loss", default="auto", choices=("auto", "on", "off"),
+    parser.add_argument("--fused-loss", default="auto", type=parse_flag, metavar=FLAG_METAVAR,
                         help="our chunked LM head + cross-entropy (auto: on, as in llm.train)")
-    parser.add_argument("--loss-kernel", default="auto", choices=("auto", "on", "off"),
+    parser.add_argument("--loss-kernel", default="auto", type=parse_flag, metavar=FLAG_METAVAR,
                         help="fused loss: llm.kernels' Triton softmax-gradient kernel (auto: where it can run, i.e. "
                         "CUDA with Triton)")
 
 
 def check_loss_args(parser: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device) -> bool:
-    """Whether the fused loss is on; a usage error when --loss-kernel on names a device the kernel cannot run on."""
+    """Whether the fused loss is on; a usage error when --loss-kernel true names a device the kernel cannot run on."""
     from llm import kernels as K
 
-    fused = args.fused_loss != "off"
-    if fused and args.loss_kernel == "on" and not K.available(device):
-        parser.error(f"--loss-kernel on: the Triton kernel cannot run on {device} (needs CUDA + triton, or "
-                     "TRITON_INTERPRET=1 on CPU); use --loss-kernel auto or off")
+    fused = args.fused_loss is not False
+    if fused and args.loss_kernel is True and not K.available(device):
+        parser.error(f"--loss-kernel true: the Triton kernel cannot run on {device} (needs CUDA + triton, or "
+                     "TRITON_INTERPRET=1 on CPU); use --loss-kernel auto or false")
     return fused
 
 

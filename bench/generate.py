@@ -23,7 +23,7 @@ from llm.device import allow_tf32
 from llm.generate import generate
 from llm.hf import export_hf
 from llm.model import build_model
-from llm.utils import on_off_auto
+from llm.utils import FLAG_METAVAR, parse_flag
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt length in tokens")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (median is reported)")
-    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+    parser.add_argument("--compile", default="auto", type=parse_flag, metavar=FLAG_METAVAR,
                         help="our static cache + torch.compile (auto: on CUDA only)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--hf-static", action="store_true",
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     preset = args.preset or ("tiny" if args.quick else "gpt2-124m")
     dtype = torch.bfloat16 if cuda else torch.float32
     repeats = args.repeats or (2 if args.quick else 3)
-    compile_flag = on_off_auto(args.compile)
+    compile_flag = args.compile
     allow_tf32(device)
 
     torch.manual_seed(0)

@@ -23,12 +23,12 @@ step() {  # step NAME SECONDS CMD...
 cat "$OUT/env.txt"
 # fresh machine: each step compiles first (about 25 s per model and side), so the limits include that
 step kernels         ${T_KERNELS:-60}  python -m bench.kernels --device cuda --json
-step pretrain_gpt2   ${T_GPT2:-150}    python -m bench.pretrain --device cuda --json --presets gpt2-124m --compile on
-step pretrain_b32a4  ${T_B32A4:-150}   python -m bench.pretrain --device cuda --json --presets gpt2-124m --compile on --batch 32 --accum 4 --repeats 5
-step pretrain_llama  ${T_LLAMA:-150}   python -m bench.pretrain --device cuda --json --presets llama-124m --compile on
+step pretrain_gpt2   ${T_GPT2:-150}    python -m bench.pretrain --device cuda --json --presets gpt2-124m --compile true
+step pretrain_b32a4  ${T_B32A4:-150}   python -m bench.pretrain --device cuda --json --presets gpt2-124m --compile true --batch 32 --accum 4 --repeats 5
+step pretrain_llama  ${T_LLAMA:-150}   python -m bench.pretrain --device cuda --json --presets llama-124m --compile true
 step profile         ${T_PROFILE:-70}  python -m bench.step_profile --device cuda --json --top 25
 step loop            ${T_LOOP:-70}     python -m bench.loop --device cuda --json
 step generate        ${T_GENERATE:-80} python -m bench.generate --device cuda --json
 step pretrain_eager  ${T_EAGER:-90}    python -m bench.pretrain --device cuda --json --compile off
-step profile_nokern  ${T_NOKERN:-70}   python -m bench.step_profile --device cuda --json --loss-kernel off --top 25
+step profile_nokern  ${T_NOKERN:-70}   python -m bench.step_profile --device cuda --json --loss-kernel false --top 25
 echo "== done $(date +%T)" | tee -a "$OUT/log.txt"

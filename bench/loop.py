@@ -20,7 +20,7 @@ from bench.common import add_common_args, device_name, emit, pick_device
 from llm.config import PRESETS, get_config
 from llm.model import build_model
 from llm.train import TrainConfig, train
-from llm.utils import on_off_auto
+from llm.utils import FLAG_METAVAR, parse_flag
 
 
 class FixedBatches:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--skip", type=int, default=5, help="first steps left out of the medians (compile)")
-    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--compile", default="auto", type=parse_flag, metavar=FLAG_METAVAR)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     cuda = device.type == "cuda"
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = FixedBatches(cfg.vocab_size, batch, seq, n=4)
     tc = TrainConfig(max_steps=steps, micro_batch_size=batch, seq_len=seq, lr=1e-3, warmup_steps=5,
                      eval_interval=0, checkpoint_interval=0, device=str(device), progress=False,
-                     compile=on_off_auto(args.compile))
+                     compile=args.compile)
     rows: list[dict[str, float]] = []
     t0 = time.perf_counter()
     res = train(model, tc, data, on_step=lambda step, m: rows.append(m))

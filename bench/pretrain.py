@@ -37,7 +37,7 @@ from llm.hf import export_hf
 from llm.loss import FusedLossLM
 from llm.model import build_model
 from llm.optim import build_adamw
-from llm.utils import flops_per_token, on_off_auto
+from llm.utils import flops_per_token, parse_flag
 
 
 def make_step(loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -100,9 +100,9 @@ def build_pair(preset: str, device: torch.device, compile_: bool, fused: bool, v
 def bench_family(preset: str, device: torch.device, args, compile_: bool) -> dict:
     cuda = device.type == "cuda"
     seq, batch = args.seq, args.batch
-    fused = args.fused_loss != "off"
+    fused = args.fused_loss is not False
     cfg, (ours, run_ours, opt_ours), (hf, run_hf, opt_hf) = build_pair(preset, device, compile_, fused, args.vocab,
-                                                                       seq, on_off_auto(args.loss_kernel))
+                                                                       seq, args.loss_kernel)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(device)
     inp, tgt = x[:, :-1], x[:, 1:]
@@ -140,6 +140,10 @@ def bench_family(preset: str, device: torch.device, args, compile_: bool) -> dic
     return out
 
 
+def _compile_modes(value: str) -> bool | str:
+    return "both" if value == "both" else parse_flag(value)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
@@ -152,8 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab", type=int, default=None, help="override the presets' vocabulary size")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per side (median is reported)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per side first")
-    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off", "both"),
-                        help="torch.compile both sides (auto: both eager and compiled on CUDA, eager on CPU)")
+    parser.add_argument("--compile", default="auto", metavar="{true,false,auto,both}",
+                        type=_compile_modes,
+                        help="torch.compile both sides (auto: both eager and compiled on CUDA, eager on CPU; both: "
+                        "eager and compiled everywhere)")
     add_loss_args(parser)
     args = parser.parse_args(argv)
 
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch = args.batch or (16 if cuda and not args.quick else 8)
     args.repeats = args.repeats or (10 if cuda else 15)  # CPU steps vary by +-10 %: more pairs, steadier median
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
-    modes = {"auto": [False, True] if cuda else [False], "on": [True], "off": [False], "both": [False, True]}
+    modes = {"auto": [False, True] if cuda else [False], True: [True], False: [False], "both": [False, True]}
     modes = modes[args.compile]
     headline = modes[-1]
 

@@ -39,7 +39,7 @@ from llm.loss import FusedLossLM
 from llm.model import build_model
 from llm.optim import build_adamw
 from llm.train import TrainConfig
-from llm.utils import flops_per_token, on_off_auto
+from llm.utils import FLAG_METAVAR, flops_per_token, parse_flag
 
 # kernel kind by name, first match wins (cuBLAS/cuBLASLt GEMMs are sm90_xmma*, nvjet*, cutlass*, *gemm*)
 KINDS = [
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=None, help="fused loss: tokens per chunk (default: TrainConfig.loss_chunk_tokens)")
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     add_loss_args(parser)
-    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+    parser.add_argument("--compile", default="auto", type=parse_flag, metavar=FLAG_METAVAR,
                         help="torch.compile the model (auto: on CUDA)")
     parser.add_argument("--mode", default=None, help="torch.compile mode",
                         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
@@ -129,12 +129,12 @@ def build_step(args: argparse.Namespace) -> dict[str, Any]:
     preset = args.preset or ("gpt2-124m" if cuda and not args.quick else "tiny")
     seq = args.seq or (1024 if cuda and not args.quick else 128)
     batch = args.batch or (16 if cuda and not args.quick else 8)
-    compiled = args.compile == "on" or (args.compile == "auto" and cuda)
+    compiled = args.compile is True or (args.compile == "auto" and cuda)
     cfg = get_config(preset, max_seq_len=max(seq, get_config(preset).max_seq_len))
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     opt = build_adamw(model, 3e-4, 0.1, fused=True)
-    kernel = on_off_auto(args.loss_kernel)
+    kernel = args.loss_kernel
     trained = FusedLossLM(model, args.chunk or TrainConfig.loss_chunk_tokens, kernel) if fused else model
     run = torch.compile(trained, mode=args.mode) if compiled else trained
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1)).to(device)

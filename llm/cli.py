@@ -18,7 +18,7 @@ import torch
 from llm.checkpoint import TOKENIZER_DIR
 from llm.device import resolve_device
 from llm.hf import load_any
-from llm.utils import on_off_auto
+from llm.utils import FLAG_METAVAR, parse_flag
 
 ResolveRef = Callable[[str], Path]
 
@@ -85,7 +85,7 @@ def cmd_generate(args: argparse.Namespace, resolve_ref: ResolveRef) -> int:
     start = time.perf_counter()
     for step in stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id or 0, seed=args.seed,
-                       compile=on_off_auto(args.compile)):
+                       compile=args.compile):
         t = step[0]
         if t is None or t in tok.stop_ids:
             break
@@ -131,8 +131,8 @@ def register(subparsers: Any, resolve_ref: ResolveRef | None = None) -> None:
     p.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set with this mass")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="static KV cache + torch.compile: auto = on CUDA only; 'on' also pays off on CPU for long "
+    p.add_argument("--compile", type=parse_flag, metavar=FLAG_METAVAR, default="auto",
+                   help="static KV cache + torch.compile: auto = on CUDA only; true also pays off on CPU for long "
                    "answers (tiny model: 2-3x the tokens/s after a few seconds of compiling)")
     p.set_defaults(func=lambda a: cmd_generate(a, resolve))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from dataclasses import asdict
 
@@ -98,10 +99,18 @@ def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
     return tokens_per_s * flops_per_tok / peak_flops
 
 
-def on_off_auto(value: str) -> bool | str:
-    """The "on" / "off" / "auto" spelling of configs and command lines as the llm API's flags take it (compile,
-    fused_loss): True, False or "auto"."""
-    flags = {"on": True, "off": False, "auto": "auto"}
-    if value not in flags:
-        raise ValueError(f"expected 'on', 'off' or 'auto', got {value!r}")
-    return flags[value]
+FLAG_METAVAR = "{true,false,auto}"
+_FLAGS = {"true": True, "on": True, "false": False, "off": False, "auto": "auto"}
+
+
+def parse_flag(value: str) -> bool | str:
+    """A true / false / auto setting (compile, fused_loss, loss_kernel) as written on a command line, spelled as in
+    the configs ("on" / "off" are accepted too): True, False or "auto". Usable as an argparse `type`."""
+    flag = _FLAGS.get(str(value).strip().lower())
+    if flag is None:
+        raise FlagError(f"expected true, false or auto, got {value!r}")
+    return flag
+
+
+class FlagError(argparse.ArgumentTypeError, ValueError):
+    """A flag value that is not true / false / auto; argparse prints its message as the usage error."""

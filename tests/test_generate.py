@@ -126,3 +126,20 @@ def test_cli_generate_and_export(tmp, capsys: pytest.CaptureFixture[str]) -> Non
     torch.testing.assert_close(back(idx)[0], model.eval()(idx)[0])
     assert main(["generate", "--model", str(tmp / "hf"), "--prompt", "Tom", "--chat", "--max-new-tokens", "3",
                  "--temperature", "0.8", "--seed", "1"]) == 0
+
+
+def test_flag_arguments_take_the_config_spelling():
+    """--compile (and the benches' --fused-loss / --loss-kernel) accept what the YAML configs accept."""
+    import argparse
+
+    import pytest
+
+    from llm.utils import FLAG_METAVAR, parse_flag
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--compile", type=parse_flag, metavar=FLAG_METAVAR, default="auto")
+    assert [p.parse_args(["--compile", v]).compile for v in ("true", "False", "auto", "on", "off")] == [
+        True, False, "auto", True, False]
+    assert p.parse_args([]).compile == "auto"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--compile", "maybe"])
