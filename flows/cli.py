@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.deploy import deployment_name, serve
+from flows.specs import DEFAULT_CONFIG, STAGES, default_config
 from flows.supervisor import (
     DEFAULT_HOST,
     DEFAULT_MLFLOW_PORT,
@@ -32,8 +33,7 @@ from flows.supervisor import (
 )
 from stages.common import StageError
 
-STAGE_NAMES = ("ingest", "tokenizer", "pretrain", "sft", "reward", "ppo")
-DEFAULT_CONFIG = "configs/tiny.yaml"
+STAGE_NAMES = tuple(s.name for s in STAGES)
 log = logging.getLogger("llm-pipeline")
 
 
@@ -63,10 +63,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace) -> Any:
     from flows.config import load_config
 
-    path = args.config
-    if path is None and Path(DEFAULT_CONFIG).is_file():
-        path = DEFAULT_CONFIG
-    cfg = load_config(path, args.overrides)
+    cfg = load_config(args.config or default_config(), args.overrides)
     _prepare_env(cfg.pipeline.work_dir)
     return cfg
 
@@ -291,17 +288,6 @@ def _port(text: str) -> int:
     return port
 
 
-def _server_command(fn: Any) -> Any:
-    def call(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except ServerError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return call
-
-
 def add_server_commands(subparsers: Any) -> None:
     """Add `up`, `down` and `serve` (flows.supervisor, flows.deploy) to the `llm-pipeline` command line."""
     _add_up(subparsers)
@@ -357,8 +343,7 @@ def _add_up(subparsers: Any) -> None:
         help="seconds to wait for both health checks (default %(default)s)",
     )
     p.set_defaults(
-        func=_server_command(
-            lambda a: up(
+        func=(lambda a: up(
                 a.work_dir, a.host, a.prefect_port, a.mlflow_port, detach=a.detach,
                 auth=True if a.auth else False if a.no_auth else None, advertise=a.advertise, mlflow_workers=a.mlflow_workers,
                 timeout_s=a.timeout,
@@ -375,7 +360,7 @@ def _add_down(subparsers: Any) -> None:
         default=DEFAULT_WORK_DIR,
         help="the work dir given to `up` (default %(default)s)",
     )
-    p.set_defaults(func=_server_command(lambda a: down(a.work_dir)))
+    p.set_defaults(func=(lambda a: down(a.work_dir)))
 
 
 def _add_serve(subparsers: Any) -> None:
@@ -404,8 +389,7 @@ def _add_serve(subparsers: Any) -> None:
                    help="flow runs executed at once by this process (default %(default)s: training runs should not "
                    "share a machine)")  # fmt: skip
     p.set_defaults(
-        func=_server_command(
-            lambda a: serve(
+        func=(lambda a: serve(
                 a.work_dir, a.name or deployment_name(a.config), a.limit,
                 config=a.config, overrides=a.overrides,
             )
@@ -453,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except StageError as e:
+    except (StageError, ServerError) as e:
         print(f"llm-pipeline: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ themselves (which module implements one, what feeds it) are listed in `flows.spe
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,26 @@ def build_config_model(specs: Sequence[StageSpec], name: str = "PipelineConfig")
 PipelineConfig: type[BaseModel] = build_config_model(STAGES)
 
 
+def _closest_key(loc: tuple) -> str | None:
+    """The known key nearest to an unknown one (a renamed or misspelt setting), as a dotted path, or None."""
+    model: Any = PipelineConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = field.annotation if field is not None else None
+    names = list(getattr(model, "model_fields", {}))
+    by_word = [n for n in names if set(str(loc[-1]).split("_")) & set(n.split("_")) - {"max", "min"}]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6) or by_word[:1]
+    return ".".join([*map(str, loc[:-1]), close[0]]) if close else None
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'; remove it or fix its spelling")
+            hint = _closest_key(e["loc"])
+            fix = f"did you mean '{hint}'?" if hint else "remove it or fix its spelling"
+            lines.append(f"{source}: unknown key '{key}'; {fix}")
         elif e["type"] == "missing":
             lines.append(f"{source}: missing required key '{key}'")
         else:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows.specs import default_config
 from flows.supervisor import DEFAULT_WORK_DIR, ServerError, http_ok, read_state
 
 CLIENT_VARS = (
@@ -56,14 +57,6 @@ def build_deployments(
             kwargs["description"] = flow.description
         out.append(flow.to_deployment(**kwargs))
     return out
-
-
-def default_config() -> Path | None:
-    """The config `llm-pipeline run` uses without --config, so the UI's forms start from the same values."""
-    from flows.cli import DEFAULT_CONFIG  # here, not at the top: flows.cli imports this module
-
-    path = Path(DEFAULT_CONFIG)
-    return path if path.is_file() else None
 
 
 def config_parameters(cfg: Any, flows: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -10,6 +10,7 @@ import importlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -96,3 +97,12 @@ class PipelineSection(BaseModel):
         if not _MODEL_NAME.match(v):
             raise ValueError("use letters, digits, '_', '.', '-' (at most 128 characters)")
         return v
+
+
+DEFAULT_CONFIG = "configs/tiny.yaml"
+
+
+def default_config() -> Path | None:
+    """The config used without --config (by `run`, `stage` and the deployments' forms), when it exists here."""
+    path = Path(DEFAULT_CONFIG)
+    return path if path.is_file() else None

@@ -1,13 +1,9 @@
-"""The model package: GPT-2 and LLaMA families, generation, checkpoints and transformers interop.
+"""The model package: GPT-2 and LLaMA families, generation, checkpoints, transformers interop, the training loop.
 
-Imports only torch, safetensors and tokenizers (transformers is imported lazily inside `llm.hf`'s functions).
+Import from the module that does the job (`llm.checkpoint.load_model`, `llm.generate.generate`,
+`llm.hf.export_hf`, ...; the map is in docs/ARCHITECTURE.md). This file imports nothing, so that the light modules
+(`llm.files`, `llm.utils.parse_flag`) are usable without loading torch: the CLI imports them before it starts a
+Prefect server, and torch's import would delay that.
+
+Needs only torch, safetensors and tokenizers (transformers is imported lazily inside `llm.hf`'s functions).
 """
-
-from llm.checkpoint import load_model, save_model
-from llm.config import PRESETS, ModelConfig, get_config
-from llm.generate import generate, stream
-from llm.hf import export_hf, import_hf, load_any
-from llm.model import build_model
-
-__all__ = ["PRESETS", "ModelConfig", "build_model", "export_hf", "generate", "get_config", "import_hf", "load_any",
-           "load_model", "save_model", "stream"]

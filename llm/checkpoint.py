@@ -59,7 +59,7 @@ def read_config(dir: str | Path) -> ModelConfig:
         data = json.loads(path.read_text())
         return ModelConfig.from_dict(data["model"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a valid model config ({e}); re-save the checkpoint with llm.save_model") from e
+        raise ValueError(f"{path}: not a valid model config ({e}); re-save the checkpoint with llm.checkpoint.save_model") from e
 
 
 def load_model(dir: str | Path, device: str | torch.device = "cpu",
@@ -88,7 +88,7 @@ def load_model(dir: str | Path, device: str | torch.device = "cpu",
         model.load_state_dict(state, strict=True)
     except (RuntimeError, safetensors.SafetensorError) as e:
         raise ValueError(f"{weights}: weights do not match {Path(dir) / CONFIG} ({e}); the folder mixes two models, "
-                         "re-save it with llm.save_model") from e
+                         "re-save it with llm.checkpoint.save_model") from e
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), cfg

@@ -13,11 +13,11 @@ import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from llm.device import resolve_device
 from llm.files import atomic_dir, atomic_file, fsync_dir, sha256_file, sha256_tree, write_json
 
 __all__ = ["DISK_FULL_ERRNOS", "ListTracker", "NullTracker", "StageError", "StageResult", "Tracker", "TransientError",
@@ -96,6 +96,10 @@ def require_path(path: str | Path, what: str) -> Path:
 
 def stage_device(name: str, setting: str) -> torch.device:
     """`llm.device.resolve_device` for a stage setting: a device the machine lacks is a StageError naming it."""
+    from llm.device import (
+        resolve_device,  # here, not at the top: the CLI imports this module and must stay light
+    )
+
     try:
         return resolve_device(name, setting)
     except ValueError as e:

@@ -119,6 +119,11 @@ def optional_tasks(inputs: dict[str, Path]) -> Path | None:
     return require_path(tasks, "input `tasks`") if tasks is not None else None
 
 
+def context_length(model: Any) -> int | None:
+    """The longest sequence a transformers model takes (GPT-2 configs call it n_positions), or None if unknown."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
 def check_assistant_mask(tokenizer: Any, messages: list[dict[str, str]], where: str) -> None:
     """Fail before training when the chat template cannot mark assistant tokens (assistant-only loss needs it)."""
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)

@@ -21,7 +21,6 @@ interrupted run of this stage restarts from scratch; a finished run is reused wh
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from pydantic import ConfigDict, Field, model_validator
 from stages import hf_training as hft
 from stages import reuse
 from stages.chat_data import load_prompts, prompt_text, resolve_source
-from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
+from stages.common import NullTracker, StageError, StageResult, Tracker, read_json, require_path, stage_device
 
 
 class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
@@ -128,7 +127,7 @@ def program_reward(completions: list, answer: list, **kwargs: Any) -> list[float
 
 
 def _check_reward_model(reward_dir: Path) -> None:
-    rm_cfg = json.loads((reward_dir / "config.json").read_text())
+    rm_cfg = read_json(reward_dir / "config.json", "reward model config", "the reward stage")
     if rm_cfg.get("num_labels", len(rm_cfg.get("id2label", {}) or {0: 0})) != 1 or not any(
         a.endswith("ForSequenceClassification") for a in rm_cfg.get("architectures", [])
     ):
@@ -291,7 +290,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     device = stage_device(cfg.device, "ppo.device")
     prec = hft.precision_args(device, cfg.precision)
     models = _load_models(cfg, policy_dir, reward_dir, tok.pad_token_id, device)
-    ctx = getattr(models.policy.config, "max_position_embeddings", None)
+    ctx = hft.context_length(models.policy)
     longest = max(len(x) for x in encode_prompts(tok, [p["prompt"] for p in prompts]))
     if ctx is not None and longest + cfg.response_length > ctx:
         raise StageError(f"the longest RL prompt ({longest} tokens) plus ppo.response_length={cfg.response_length} "

@@ -160,7 +160,7 @@ def _prepare(cfg: Config, inputs: dict[str, Path]) -> _Job:
         )
     try:
         tcfg = TrainConfig(**cfg.model_dump(include=TRAIN_FIELDS)).with_seq_len(seq_len)
-        device = resolve_device(tcfg.device, "TrainConfig.device")
+        device = resolve_device(tcfg.device, "pretrain.device")
         check_loss_kernel(tcfg, device)
         info = D.init_distributed(device.type)
         tcfg.grad_accum_steps(info.world_size)
@@ -206,7 +206,6 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     outputs = {"checkpoint": out_dir / "checkpoint", "hf": out_dir / "hf"}
     plot_path = out_dir / "loss_curve.png"
     if (done := finished(out_dir, key, outputs, plots={"loss_curve": plot_path})) is not None:
-        done.samples = [_sample_row(r.get("source", ""), r.get("step", 0), r) for r in done.samples]
         return done
     report = _Report(tracker)
     result, n_params = _train(cfg, job, out_dir / "train_checkpoints", report)
@@ -348,8 +347,6 @@ def _sample_row(source: str, step: int, row: dict) -> dict:
     """One row of the samples table: free generations and exact-match answers share the same columns, so the
     MLflow/Prefect table has one `response` column (`expected`/`correct`/`kind` stay empty for generations)."""
     full = {"source": source, "step": step, **row}
-    if "completion" in full:  # rows written by earlier versions (result.json of a resumed run)
-        full.setdefault("response", full.pop("completion"))
     return {c: full.get(c) for c in SAMPLE_COLUMNS}
 
 

@@ -131,7 +131,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     set_seed(cfg.seed)  # the scalar head is freshly initialised
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
-    ctx = getattr(model.config, "max_position_embeddings", None)
+    ctx = hft.context_length(model)
     if cfg.max_length is not None and ctx is not None and cfg.max_length > ctx:
         raise StageError(f"reward.max_length={cfg.max_length} exceeds the model's context of {ctx} tokens.")
     model.to(device)

@@ -72,10 +72,6 @@ class Config(hft.ScheduleSettings, hft.DeviceSettings, hft.HeldoutEvalSettings):
 
 
 # ------------------------------------------------------------------------------------------------------- stage
-def _context_length(model: Any) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-
-
 def sample_table(before: list[dict], after: list[dict], n: int) -> list[dict[str, Any]]:
     rows = []
     for b, a in list(zip(before, after, strict=False))[:n]:
@@ -152,7 +148,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     device = stage_device(cfg.device, "sft.device")
     prec = hft.precision_args(device, cfg.precision)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    ctx = _context_length(model)
+    ctx = hft.context_length(model)
     if cfg.max_length is not None and ctx is not None and cfg.max_length > ctx:
         raise StageError(f"sft.max_length={cfg.max_length} exceeds the model's context of {ctx} tokens; lower it.")
     model.to(device)

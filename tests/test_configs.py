@@ -58,6 +58,9 @@ def test_overrides_set_nested_values_with_yaml_types() -> None:
         ("tokenizer.vocab_size=10", ["tokenizer.vocab_size"]),
         ("pipeline.retries=-1", ["pipeline.retries"]),
         ("pipeline.registered_model=../evil", ["pipeline.registered_model"]),
+        # renamed settings point at their new name
+        ("pretrain.max_seq_len=64", ["unknown key", "pretrain.max_seq_len", "did you mean 'pretrain.seq_len'"]),
+        ("pretrain.keep_checkpoints=3", ["pretrain.keep_checkpoints", "did you mean 'pretrain.keep_last'"]),
     ],
 )
 def test_bad_values_fail_naming_the_field(override: str, names: list[str]) -> None:
