@@ -121,7 +121,9 @@ class _TemporaryPrefect:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect server exited (code {self.proc and self.proc.returncode})")
+                raise StageError(f"the temporary Prefect server exited (code {self.proc and self.proc.returncode}); "
+                                 "check that PREFECT_HOME is writable, or start one (`llm-pipeline up`) and set "
+                                 "PREFECT_API_URL")
             try:
                 with urllib.request.urlopen(self.api + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -129,7 +131,8 @@ class _TemporaryPrefect:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"the temporary Prefect server at {self.api} did not answer within {timeout:.0f}s")
+        raise StageError(f"the temporary Prefect server at {self.api} did not answer within {timeout:.0f}s; start "
+                         "one (`llm-pipeline up`) and set PREFECT_API_URL, or retry on a less busy machine")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -259,7 +262,11 @@ def resolve_ref(ref: str) -> Path:
 
     if ref.startswith("runs:/"):
         run_id, _, art = ref.removeprefix("runs:/").partition("/")
-        run = client.get_run(check_run_id(run_id))
+        check_run_id(run_id)
+        try:
+            run = client.get_run(run_id)
+        except Exception as e:
+            raise StageError(f"{ref}: no MLflow run {run_id} at {tracking.uri}; check the run id") from e
         art = safe_artifact_path(art or "hf")
         for k, v in run.data.tags.items():
             if k.startswith("llm.output.") and k.endswith(".artifact") and v == art:

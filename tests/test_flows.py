@@ -319,6 +319,8 @@ def test_resolve_ref_run_id_and_registry_name(tmp_path: Path, monkeypatch: pytes
     assert resolve_ref(str(local)) == local
     with pytest.raises(StageError):
         resolve_ref("models:/no-such-model/1")
+    with pytest.raises(StageError, match="no MLflow run 0123456789abcdef"):
+        resolve_ref("runs:/0123456789abcdef/hf")
 
 
 # ------------------------------------------------------------------------------------ Prefect artifacts, links
