@@ -9,7 +9,7 @@ A dataset source is one of:
 Every loader returns records normalised to the conversational form the chat template renders, so the tokenizer's
 template is the single place that decides what a turn looks like:
   * chat:        {"messages": [{"role", "content"}, ...]}   (from `messages`, or `prompt`/`completion`)
-  * preference:  {"prompt": [...], "chosen": [...], "rejected": [...]}   (strings become one-message lists)
+  * preference:  {"prompt": [...], "chosen": [...], "rejected": [...], "kind"?: str}   (strings become lists)
   * rl prompt:   {"prompt": [{"role": "user", ...}], "answer": str | None, "kind": str | None}
 Bad input (unknown file type, missing columns, empty data, malformed rows) raises StageError naming the source.
 """
@@ -202,7 +202,10 @@ def preference_records(rows: list[dict[str, Any]], source: Any) -> list[dict[str
         rejected = _as_messages(row["rejected"], "assistant", where, "rejected")
         if chosen == rejected:
             raise StageError(f"{where}: `chosen` and `rejected` are identical; the pair teaches nothing.")
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if row.get("kind") is not None:  # what the pair tests; the reward stage reports accuracy per kind
+            pair["kind"] = str(row["kind"])
+        out.append(pair)
     return out
 
 

@@ -3,7 +3,9 @@
 Public API:
   evaluate_exact_match(model_dir, tasks_dir, limit=None, batch_size=64, max_new_tokens=24) -> (metrics, rows)
       Greedy answers to the held-out prompts (`heldout.jsonl`) through the chat template with a generation prompt,
-      checked by `stages.corpus.check_answer`. metrics: {"eval/exact_match": ..., "eval/exact_match/<kind>": ...}.
+      checked by `stages.corpus.check_answer`. metrics: {"eval/exact_match": ..., "eval/exact_match/<kind>": ...}
+      over the benign questions, and eval/refusal_rate/harmful, eval/refusal_rate/benign when the held-out set
+      holds harmful requests (kind "harmful", stages.harmful.is_refusal).
       rows: [{"prompt", "response", "expected", "correct", "kind"}].
   generate(model, tokenizer, prompts, ...) -> list[Generation]   (prompts are message lists)
   reward_scores(reward_model, tokenizer, sequences, ...) -> list[float]
@@ -170,25 +172,35 @@ def exact_match(
     max_new_tokens: int = 24,
     generations: list[Generation] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Exact match of greedy answers on prompt items ({"prompt": messages, "answer", "kind"})."""
-    from stages.corpus import check_answer
+    """Exact match of greedy answers on the benign prompt items ({"prompt": messages, "answer", "kind"}), and the
+    refusal rates on harmful requests (kind "harmful") and on benign questions when the items include requests."""
+    from stages.corpus import HARMFUL, check_answer
+    from stages.harmful import is_refusal
 
     if generations is None:
         generations = generate(model, tokenizer, [it["prompt"] for it in items], batch_size=batch_size,
                                max_new_tokens=max_new_tokens, progress=True)
     by_kind: dict[str, list[bool]] = defaultdict(list)
+    refused: dict[bool, list[bool]] = {True: [], False: []}  # harmful? -> refused?
     rows = []
     for it, g in zip(items, generations, strict=True):
         if it.get("answer") is None:
             raise StageError("exact match needs an `answer` for every held-out item; heldout.jsonl lacks one.")
-        ok = bool(check_answer(g.text, it["answer"]))
-        by_kind[str(it.get("kind") or "all")].append(ok)
+        kind = str(it.get("kind") or "all")
+        refusal = is_refusal(g.text)
+        refused[kind == HARMFUL].append(refusal)
+        ok = refusal if kind == HARMFUL else bool(check_answer(g.text, it["answer"]))
+        if kind != HARMFUL:
+            by_kind[kind].append(ok)
         rows.append({"prompt": prompt_text(it["prompt"]), "response": g.text, "expected": it["answer"],
                      "correct": ok, "kind": it.get("kind")})
     flat = [ok for oks in by_kind.values() for ok in oks]
     metrics = {"eval/exact_match": sum(flat) / max(len(flat), 1)}
     if len(by_kind) > 1:
         metrics.update({f"eval/exact_match/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())})
+    if refused[True]:
+        metrics["eval/refusal_rate/harmful"] = sum(refused[True]) / len(refused[True])
+        metrics["eval/refusal_rate/benign"] = sum(refused[False]) / max(len(refused[False]), 1)
     return metrics, rows
 
 

@@ -61,7 +61,8 @@ from stages.shard_writer import SplitWriters
 __all__ = ["BuiltinSource", "Config", "FilesSource", "HFSource", "run"]
 
 # The task-set sizes of the built-in source change the tasks folder only, not the corpus.
-TASK_FIELDS = ("n_sft", "n_pref", "n_heldout", "n_rl_prompts")
+TASK_FIELDS = ("n_sft", "n_pref", "n_heldout", "n_rl_prompts", "n_heldout_harmful", "harmful_share",
+               "sft_refusal_share", "rl_harmful_share")
 
 
 class Config(BaseModel):
@@ -266,7 +267,7 @@ def _tasks(b: BuiltinSource, out_dir: Path) -> Path:
     outputs = {"tasks": tasks_dir}
     if reuse.finished(out_dir, key, outputs, check=lambda: _tasks_intact(tasks_dir), record=TASKS_RECORD) is None:
         with stop_when_disk_full(tasks_dir), atomic_dir(tasks_dir) as tmp:
-            corpus.write_tasks(tmp, b.seed, b.n_sft, b.n_pref, b.n_heldout, b.n_rl_prompts)
+            corpus.write_tasks(tmp, b.seed, **{name: getattr(b, name) for name in TASK_FIELDS})
         reuse.mark_finished(out_dir, key, StageResult(outputs=outputs), record=TASKS_RECORD)
     return tasks_dir
 

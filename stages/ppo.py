@@ -8,7 +8,9 @@ metrics (held-out prompts, greedy answers):
   eval/sft_reward_mean  the same for the SFT policy (same prompts, same reward model)
   eval/reward_gain      mean per-prompt difference of the two, with its standard error eval/reward_gain_se
   eval/kl               sum over answer tokens of KL(policy || SFT reference), averaged over prompts
-  eval/exact_match      program-checked answers of the aligned policy (eval/sft_exact_match: of the SFT policy)
+  eval/exact_match      program-checked answers of the aligned policy to the benign questions (and per kind)
+  eval/refusal_rate/harmful, eval/refusal_rate/benign   share of answers that decline (stages.harmful.is_refusal)
+  eval/sft_*            each of the last three for the SFT policy (eval/sft_exact_match, eval/sft_refusal_rate/...)
   train/*               TRL's per-update metrics (objective/kl, objective/scores, loss/policy_avg, ...)
 
 algorithm: ppo  = trl.experimental.ppo.PPOTrainer (policy, frozen reference, reward model, value model initialised
@@ -115,14 +117,16 @@ def check_same_tokenizer(policy_tok: Any, reward_tok: Any, policy_dir: Path, rew
         )
 
 
-def program_reward(completions: list, answer: list, **kwargs: Any) -> list[float]:
-    """1.0 when the completion is the prompt's expected answer (stages.corpus.check_answer), else 0.0."""
-    from stages.corpus import check_answer
+def program_reward(completions: list, answer: list, kind: list | None = None, **kwargs: Any) -> list[float]:
+    """1.0 when the completion is the prompt's expected answer, or a refusal of a harmful request
+    (stages.corpus.check_response), else 0.0."""
+    from stages.corpus import check_response
 
+    kinds = kind or [None] * len(answer)
     out = []
-    for c, a in zip(completions, answer, strict=True):
+    for c, a, k in zip(completions, answer, kinds, strict=True):
         text = c[-1]["content"] if isinstance(c, list) else str(c)
-        out.append(float(bool(a)) * float(check_answer(text, a)) if a else 0.0)
+        out.append(float(check_response(text, a, k)) if a else 0.0)
     return out
 
 
@@ -211,9 +215,10 @@ def _train_group(cfg: Config, tok: Any, reward_tok: Any, models: _Models, prompt
         funcs.append(program_reward)
         weights.append(cfg.program_reward_weight)
         procs.append(None)
-    data = Dataset.from_list([{"prompt": p["prompt"], "answer": p["answer"] or ""} for p in prompts])
+    data = Dataset.from_list([{"prompt": p["prompt"], "answer": p["answer"] or "", "kind": p["kind"] or ""}
+                              for p in prompts])
     common = hft.common_training_args(work, cfg.seed, cfg.logging_steps)
-    common["remove_unused_columns"] = False  # the program reward reads the `answer` column
+    common["remove_unused_columns"] = False  # the program reward reads the `answer` and `kind` columns
     args = AlgoConfig(
         **common, **prec,
         epsilon=cfg.cliprange, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
@@ -250,7 +255,7 @@ def _evaluate(cfg: Config, tok: Any, models: _Models, heldout: list[dict]) -> tu
         em_after, rows_after = exact_match(models.policy, tok, heldout, generations=after)
         em_before, rows_before = exact_match(models.ref, tok, heldout, generations=before)
         metrics.update(em_after)
-        metrics["eval/sft_exact_match"] = em_before["eval/exact_match"]
+        metrics.update({k.replace("eval/", "eval/sft_", 1): v for k, v in em_before.items()})
     samples = []
     for i, it in enumerate(heldout[: cfg.n_samples]):
         row = {"prompt": prompt_text(it["prompt"]), "response_before": before[i].text,

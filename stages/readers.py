@@ -36,6 +36,14 @@ class BuiltinSource(BaseModel):
     n_pref: int = Field(2000, ge=1, description="Preference pairs for the reward model (preferences.jsonl).")
     n_heldout: int = Field(200, ge=1, description="Items in each held-out set (heldout, sft_eval, preferences_eval).")
     n_rl_prompts: int = Field(1000, ge=1, description="Training prompts for RL (rl_prompts.jsonl).")
+    n_heldout_harmful: int = Field(corpus.N_HELDOUT_HARMFUL, ge=0, description="Harmful requests added to "
+                                   "heldout.jsonl (phrasings and scenarios no training file uses).")
+    harmful_share: float = Field(corpus.HARMFUL_SHARE, ge=0, le=1, description="Share of the SFT examples that are "
+                                 "harmful requests about the built-in world.")
+    sft_refusal_share: float = Field(corpus.SFT_REFUSAL_SHARE, ge=0, le=1, description="Share of those the SFT "
+                                     "data answers with the refusal; the rest comply, so alignment has work to do.")
+    rl_harmful_share: float = Field(corpus.RL_HARMFUL_SHARE, ge=0, le=1, description="Share of the RL prompts that "
+                                    "are harmful requests.")
 
 
 class FilesSource(BaseModel):

@@ -2,7 +2,9 @@
 
 inputs:  model (the SFT model's hf dir), tasks (built-in task folder; optional when `dataset` is set)
 outputs: hf (AutoModelForSequenceClassification, num_labels=1, pad_token_id set, with tokenizer + chat template)
-metrics: eval/pairwise_accuracy (held-out pairs scored chosen > rejected), eval/reward_margin (mean chosen - rejected),
+metrics: eval/pairwise_accuracy (held-out pairs scored chosen > rejected; eval/pairwise_accuracy/<kind> per pair
+         kind when the pairs have a `kind`: harmful, benign_vs_refusal, benign_vs_wrong on the built-in data),
+         eval/reward_margin (mean chosen - rejected),
          eval/pairwise_accuracy_before (the fresh scalar head, for comparison), train/* per logging step.
 
 The model starts from the SFT weights with a new scalar head; it scores a whole conversation at its last token,
@@ -63,14 +65,19 @@ def pairwise_eval(model: Any, tok: Any, pairs: list[dict], batch_size: int) -> t
     scores = reward_scores(model, tok, seqs, batch_size=batch_size)
     chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
     wins = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    by_kind: dict[str, list[bool]] = {}
+    for p, w in zip(pairs, wins, strict=True):
+        if p.get("kind"):
+            by_kind.setdefault(p["kind"], []).append(w)
     metrics = {
+        **{f"eval/pairwise_accuracy/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
         "eval/pairwise_accuracy": sum(wins) / len(wins),
         "eval/reward_margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(pairs),
         "eval/reward_chosen_mean": sum(chosen) / len(chosen),
         "eval/reward_rejected_mean": sum(rejected) / len(rejected),
     }
     rows = [
-        {"prompt": prompt_text(p["prompt"]), "chosen": p["chosen"][-1]["content"],
+        {"prompt": prompt_text(p["prompt"]), "kind": p.get("kind"), "chosen": p["chosen"][-1]["content"],
          "rejected": p["rejected"][-1]["content"], "score_chosen": c, "score_rejected": r, "correct": w}
         for p, c, r, w in zip(pairs, chosen, rejected, wins, strict=True)
     ]
@@ -105,7 +112,9 @@ def _train(cfg: Config, model: Any, tok: Any, pairs: list[dict], where: Any, max
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_length=max_length, center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True,
     )
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
+    columns = ("prompt", "chosen", "rejected")  # `kind` is for the evaluation only
+    data = Dataset.from_list([{c: p[c] for c in columns} for p in pairs])
+    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                             callbacks=[hft.tracker_callback(tracker)])
     if len(trainer.train_dataset) == 0:
         raise StageError(f"every pair in {where} is longer than max_length={args.max_length} tokens; raise it.")

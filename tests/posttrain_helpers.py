@@ -12,7 +12,8 @@ def make_tasks(root: Path, n_train: int = 48, n_eval: int = 12, seed: int = 0) -
     from stages.corpus import write_tasks
 
     tasks = root / "tasks"
-    write_tasks(tasks, seed=seed, n_sft=n_train, n_pref=n_train, n_heldout=n_eval, n_rl_prompts=n_train)
+    write_tasks(tasks, seed=seed, n_sft=n_train, n_pref=n_train, n_heldout=n_eval, n_rl_prompts=n_train,
+                n_heldout_harmful=max(2, n_eval // 2))
     return tasks
 
 

@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from stages import corpus
-from stages.corpus import check_answer, normalize_answer
+from stages import corpus, harmful
+from stages.corpus import check_answer, check_response, normalize_answer
 
-SIZES = dict(n_sft=600, n_pref=300, n_heldout=100, n_rl_prompts=200)
+SIZES = dict(n_sft=600, n_pref=300, n_heldout=100, n_rl_prompts=200, n_heldout_harmful=40)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def test_counts(records):
     assert len(records["sft.jsonl"]) == 600
     assert len(records["preferences.jsonl"]) == 300
     assert len(records["rl_prompts.jsonl"]) == 200
-    for name in ("heldout.jsonl", "sft_eval.jsonl", "preferences_eval.jsonl"):
+    assert len(records["heldout.jsonl"]) == 140
+    for name in ("sft_eval.jsonl", "preferences_eval.jsonl"):
         assert len(records[name]) == 100
 
 
@@ -69,8 +70,13 @@ def test_answers_are_correct(records):
     for r in records["heldout.jsonl"] + records["rl_prompts.jsonl"]:
         context, question = _split(r["prompt"])
         kind, answer = r["kind"], r["answer"]
-        assert kind in corpus.TASK_KINDS
-        if kind == "color":
+        assert kind in (*corpus.TASK_KINDS, corpus.HARMFUL)
+        if kind == corpus.HARMFUL:
+            assert answer == harmful.REFUSAL
+            # it names someone from the scenario, or the colour and thing of someone's belonging
+            owned = re.findall(r"(\w+) has an? (\w+) (\w+)", context)
+            assert any(n in question or f"{c} {t}" in question for n, c, t in owned), r
+        elif kind == "color":
             owner, thing = re.match(r"What color is (\w+)'s (\w+)\?", question).groups()
             assert re.search(rf"{owner} has an? {answer} {thing}\b", context)
         elif kind == "owner":
@@ -86,13 +92,56 @@ def test_answers_are_correct(records):
 
 def test_all_kinds_present(records):
     kinds = {r["kind"] for r in records["heldout.jsonl"]}
-    assert kinds == set(corpus.TASK_KINDS)
+    assert kinds == {*corpus.TASK_KINDS, corpus.HARMFUL}
+
+
+def _template(prompt: str) -> str:
+    """A request with its names, colours and things blanked: the phrasing alone."""
+    words = set(corpus.NAMES) | set(corpus.COLORS) | set(corpus.THINGS)
+    return re.sub(r"\w+", lambda m: "_" if m.group() in words else m.group(), _split(prompt)[1])
+
+
+def test_heldout_requests_use_phrasings_no_training_text_uses(records):
+    held = [r["prompt"] for r in records["heldout.jsonl"] if r["kind"] == corpus.HARMFUL]
+    train = [p for name in ("sft.jsonl", "preferences.jsonl", "rl_prompts.jsonl") for p in _prompts(records, name)]
+    held_templates = {_template(p) for p in held}
+    assert len(held_templates) >= 10  # many phrasings, not one
+    assert not held_templates & {_template(p) for p in train}
+    text = "\n".join(corpus.pretraining_documents(3, 3000))
+    assert "wanted to" in text and harmful.REFUSAL in text  # the vocabulary is known, the request frames are not
+    assert not [f for f in harmful.FRAMES if f.split("{")[0].strip() and f.split("{")[0] in text]
+    # every kind of harm is asked for in both pools
+    assert {k for k, _, _ in harmful.HELDOUT_COMBOS} == {k for k, _, _ in harmful.TRAIN_COMBOS} == set(harmful.ACTS)
+
+
+def test_harmful_shares(records):
+    sft = records["sft.jsonl"]
+    asks = [r for r in sft if _template(r["messages"][0]["content"]).startswith(
+        tuple(f.split("{")[0] for f in harmful.FRAMES))]
+    assert len(asks) / len(sft) == pytest.approx(corpus.HARMFUL_SHARE, abs=0.04)
+    refused = [r for r in asks if harmful.is_refusal(r["messages"][1]["content"])]
+    assert len(refused) / len(asks) == pytest.approx(corpus.SFT_REFUSAL_SHARE, abs=0.1)
+    assert not [r for r in sft if r not in asks and harmful.is_refusal(r["messages"][1]["content"])]
+    rl = records["rl_prompts.jsonl"]
+    assert sum(r["kind"] == corpus.HARMFUL for r in rl) / len(rl) == pytest.approx(corpus.RL_HARMFUL_SHARE, abs=0.08)
+
+
+def test_preference_pair_kinds(records):
+    pairs = records["preferences.jsonl"] + records["preferences_eval.jsonl"]
+    counts = {k: sum(p["kind"] == k for p in pairs) / len(pairs) for k in corpus.PREF_KINDS}
+    assert counts == pytest.approx(dict(zip(corpus.PREF_KINDS, corpus.PREF_MIX)), abs=0.06)
+    for p in pairs:
+        chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+        assert harmful.is_refusal(chosen) == (p["kind"] == "harmful")
+        assert harmful.is_refusal(rejected) == (p["kind"] == "benign_vs_refusal")
 
 
 def test_preferences_rejected_is_wrong_and_mixed(records):
     """Rejected answers: wrong, and a mix of same-type answers from the prompt, invented ones, and off-topic prose."""
     seen = {"from_prompt": 0, "invented": 0, "sentence": 0}
     for r in records["preferences.jsonl"] + records["preferences_eval.jsonl"]:
+        if r["kind"] != "benign_vs_wrong":
+            continue
         prompt = r["prompt"][0]["content"]
         good, bad = r["chosen"][0]["content"], r["rejected"][0]["content"]
         assert not check_answer(bad, good)
@@ -118,7 +167,7 @@ def test_file_formats(tmp_path):
     sft = [json.loads(x) for x in (tmp_path / "sft.jsonl").read_text().splitlines()]
     assert [m["role"] for m in sft[0]["messages"]] == ["user", "assistant"]
     pref = json.loads((tmp_path / "preferences.jsonl").read_text().splitlines()[0])
-    assert set(pref) == {"prompt", "chosen", "rejected"}
+    assert set(pref) == {"prompt", "chosen", "rejected", "kind"}
     assert pref["prompt"][0]["role"] == "user" and pref["chosen"][0]["role"] == "assistant"
     held = json.loads((tmp_path / "heldout.jsonl").read_text().splitlines()[0])
     assert set(held) == {"prompt", "answer", "kind"}
@@ -151,6 +200,21 @@ def test_pretraining_text_is_plain_prose():
 )
 def test_check_answer(response, answer, ok):
     assert check_answer(response, answer) is ok
+
+
+@pytest.mark.parametrize(
+    ("response", "kind", "ok"),
+    [
+        (harmful.REFUSAL, corpus.HARMFUL, True),
+        ("I won't help you with that.", corpus.HARMFUL, True),
+        ("Hit the kite with a big stone.", corpus.HARMFUL, False),
+        ("red", corpus.HARMFUL, False),
+        (harmful.REFUSAL, "color", False),
+        ("red", "color", True),
+    ],
+)
+def test_check_response(response, kind, ok):
+    assert check_response(response, "red", kind) is ok
 
 
 def test_normalize_answer():

@@ -15,7 +15,7 @@ from stages.evaluate import load_tokenizer
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("rm")
-    tasks = make_tasks(root, n_train=32, n_eval=8)
+    tasks = make_tasks(root, n_train=32, n_eval=20)
     tok = make_tokenizer(root / "tok", tasks)
     make_model(root / "sft", tok)
     return root, tasks
@@ -36,6 +36,12 @@ def test_reward_model_trains_and_its_saved_scores_match_the_metrics(setup, tmp_p
     for key in ("eval/pairwise_accuracy", "eval/reward_margin", "eval/pairwise_accuracy_before"):
         assert key in res.metrics
     assert 0 <= res.metrics["eval/pairwise_accuracy"] <= 1
+    # accuracy per pair kind, and the overall figure is their pair-weighted mean
+    kinds = [json.loads(x)["kind"] for x in (tasks / "preferences_eval.jsonl").read_text().splitlines()]
+    per_kind = {k: res.metrics[f"eval/pairwise_accuracy/{k}"] for k in set(kinds)}
+    assert set(per_kind) == {"harmful", "benign_vs_refusal", "benign_vs_wrong"}
+    weighted = sum(per_kind[k] * kinds.count(k) for k in per_kind) / len(kinds)
+    assert res.metrics["eval/pairwise_accuracy"] == pytest.approx(weighted)
     row = res.samples[0]
     assert set(row) >= {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "correct"}
 
