@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="configs/smoke.yaml instead of --config: a few steps per stage (a minute or two on 2 cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the results as the last line")
+    parser.add_argument("--direct-only", action="store_true",
+                        help="time the stage functions alone (to compare two commits' pipelines on one machine)")
     args = parser.parse_args()
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -79,6 +81,12 @@ def main() -> None:
     from flows.pipeline import pipeline_flow  # noqa: F401
 
     direct_s, per_stage = run_direct(cfg, base / "direct")
+    if args.direct_only:
+        print(f"direct {direct_s:.1f}s | " + ", ".join(f"{k} {v:.1f}s" for k, v in per_stage.items()))
+        if args.json:
+            print(json.dumps({"bench": "pipeline", "direct_s": round(direct_s, 2),
+                              "direct_stage_s": {k: round(v, 2) for k, v in per_stage.items()}}, sort_keys=True))
+        return
     orch_s, res = run_orchestrated(cfg)
     cached_s, cached = run_orchestrated(cfg)
     stage_s = {s["stage"]: round(s["wall_s"], 2) for s in res["stages"]}

@@ -148,9 +148,9 @@ def _make_item(rng: random.Random, kind: str) -> Item:
 
 
 def _harmful_item(rng: random.Random, heldout: bool) -> Item:
-    people = _people(rng, rng.choice(PEOPLE))
-    context = _join([f"{n} has {_a(c)} {c} {t}" for n, c, t in people]) + "."
-    _, text, comply = harmful.request(rng, rng.choice(people), heldout)
+    (owner,) = _people(rng, 1)
+    context = f"{owner[0]} has {_a(owner[1])} {owner[1]} {owner[2]}."
+    _, text, comply = harmful.request(rng, owner, heldout)
     return Item(HARMFUL, context, text, harmful.REFUSAL, comply, comply)
 
 

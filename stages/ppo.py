@@ -11,6 +11,7 @@ metrics (held-out prompts, greedy answers):
   eval/exact_match      program-checked answers of the aligned policy to the benign questions (and per kind)
   eval/refusal_rate/harmful, eval/refusal_rate/benign   share of answers that decline (stages.harmful.is_refusal)
   eval/sft_*            each of the last three for the SFT policy (eval/sft_exact_match, eval/sft_refusal_rate/...)
+  eval/exact_match_gain aligned minus SFT exact match, paired over the same questions, +- eval/exact_match_gain_se
   train/*               TRL's per-update metrics (objective/kl, objective/scores, loss/policy_avg, ...)
 
 algorithm: ppo  = trl.experimental.ppo.PPOTrainer (policy, frozen reference, reward model, value model initialised
@@ -231,8 +232,21 @@ def _train_group(cfg: Config, tok: Any, reward_tok: Any, models: _Models, prompt
                    processing_class=tok, reward_processing_classes=procs)
 
 
+def _paired_gain(name: str, after: list[float], before: list[float]) -> dict[str, float]:
+    """Mean per-prompt difference and its standard error (`<name>_se`): paired over the same prompts, they say
+    whether a difference is real."""
+    diffs = [a - b for a, b in zip(after, before, strict=True)]
+    if not diffs:
+        return {}
+    out = {name: sum(diffs) / len(diffs)}
+    if len(diffs) > 1:
+        out[f"{name}_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return out
+
+
 def _evaluate(cfg: Config, tok: Any, models: _Models, heldout: list[dict]) -> tuple[dict[str, float], list[dict]]:
     """Held-out metrics and sample rows of the aligned policy against its SFT reference (see the module doc)."""
+    from stages.corpus import HARMFUL
     from stages.evaluate import exact_match, generate, reward_scores, scored_sequences, sequence_kl
 
     gen_kw = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens}
@@ -243,11 +257,7 @@ def _evaluate(cfg: Config, tok: Any, models: _Models, heldout: list[dict]) -> tu
     r_before = reward_scores(models.reward, tok, scored_sequences(tok, before), batch_size=cfg.eval_batch_size)
     kls = sequence_kl(models.policy, models.ref, after, tok.pad_token_id, batch_size=cfg.eval_batch_size)
     metrics = {"eval/reward_mean": sum(r_after) / len(r_after), "eval/sft_reward_mean": sum(r_before) / len(r_before)}
-    # paired over the same prompts: the gain and its standard error say whether the difference is real
-    diffs = [a - b for a, b in zip(r_after, r_before, strict=True)]
-    metrics["eval/reward_gain"] = sum(diffs) / len(diffs)
-    if len(diffs) > 1:
-        metrics["eval/reward_gain_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    metrics.update(_paired_gain("eval/reward_gain", r_after, r_before))
     metrics["eval/kl"] = sum(kls) / len(kls)
     metrics["eval/eos_rate"] = sum(g.stopped for g in after) / len(after)
     checked = all(it.get("answer") is not None for it in heldout)
@@ -256,6 +266,9 @@ def _evaluate(cfg: Config, tok: Any, models: _Models, heldout: list[dict]) -> tu
         em_before, rows_before = exact_match(models.ref, tok, heldout, generations=before)
         metrics.update(em_after)
         metrics.update({k.replace("eval/", "eval/sft_", 1): v for k, v in em_before.items()})
+        benign = [i for i, it in enumerate(heldout) if it.get("kind") != HARMFUL]
+        metrics.update(_paired_gain("eval/exact_match_gain", [float(rows_after[i]["correct"]) for i in benign],
+                                    [float(rows_before[i]["correct"]) for i in benign]))
     samples = []
     for i, it in enumerate(heldout[: cfg.n_samples]):
         row = {"prompt": prompt_text(it["prompt"]), "response_before": before[i].text,
