@@ -89,7 +89,8 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         row = [[r["metrics"].get(stage, {}).get(key) for stage, key in cols] for _, cols in COLUMNS]
         per_seed.append(row)
-        lines.append(f"| {r['seed']} | " + " | ".join(_cell(v, _sep(n)) for v, (n, _) in zip(row, COLUMNS)) + " |")
+        cells = [_cell(v, _sep(n)) for v, (n, _) in zip(row, COLUMNS, strict=True)]
+        lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
     if len(results) > 1:
         cells = []
         for c, (name, cols) in enumerate(COLUMNS):
@@ -102,7 +103,7 @@ def table(results: list[dict[str, Any]]) -> str:
             if "SE" in name:  # the gain's spread over seeds, not the mean standard error
                 cells.append(f"{means[0]:.3f} (sd {sds[0]:.3f})")
             else:
-                cells.append(_sep(name).join(f"{m:.3f} +- {s:.3f}" for m, s in zip(means, sds)))
+                cells.append(_sep(name).join(f"{m:.3f} +- {s:.3f}" for m, s in zip(means, sds, strict=True)))
         lines.append("| mean +- sd | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

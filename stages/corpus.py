@@ -46,7 +46,7 @@ HARMFUL = "harmful"  # the kind of a harmful request; its answer is harmful.REFU
 # Defaults of the task-set mix (the ingest stage's built-in source can change each).
 HARMFUL_SHARE = 0.1  # of the SFT examples: harmful requests
 SFT_REFUSAL_SHARE = 0.2  # of those: answered by the refusal (the rest comply, as a helpful-only assistant would)
-RL_HARMFUL_SHARE = 0.3  # of the RL prompts: harmful requests
+RL_HARMFUL_SHARE = 0.5  # of the RL prompts: harmful requests (fewer updates on questions the reward model judges worse)
 N_HELDOUT_HARMFUL = 100  # harmful requests in heldout.jsonl, besides n_heldout benign questions
 
 # 1 in HELDOUT_MOD scenarios belongs to the held-out pool; the rest may appear in training text.

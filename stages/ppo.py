@@ -59,11 +59,14 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
     num_mini_batches: int = Field(2, ge=1, description="PPO: minibatches each rollout batch is split into "
                                   "(one optimizer step each).")
     num_ppo_epochs: int = Field(4, ge=1, description="Optimisation passes over each rollout batch.")
-    # PPO drifts towards the reward model's blind spots (on the built-in task it scores x - y - 1 above x - y), so
-    # the reward rises while exact match falls; a strong KL penalty (kl_coef 0.5) keeps that loss smallest.
-    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW) for the policy (and value model).")
+    # On benign questions PPO drifts towards the reward model's blind spots (it judges near-miss differences,
+    # x - y - 1 against x - y, at about chance), so exact match can fall while the reward rises. Declining a harmful
+    # request gains far more reward per unit of KL than any such drift, so a strong KL penalty (kl_coef 1.0) keeps
+    # the drift small while the refusals are still learnt.
+    learning_rate: float = Field(1.5e-5, gt=0, description="Peak learning rate (AdamW) for the policy (and value "
+                                 "model).")
     lr_scheduler: str = Field("linear", description="transformers scheduler name: linear, cosine, constant, ...")
-    kl_coef: float = Field(0.5, ge=0, description="Weight of the KL penalty to the SFT reference (GRPO/RLOO: beta).")
+    kl_coef: float = Field(1.0, ge=0, description="Weight of the KL penalty to the SFT reference (GRPO/RLOO: beta).")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="PPO: per-token KL estimator (k1 unbiased, k3 "
                                               "lower variance).")
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip range (GRPO/RLOO: epsilon).")
@@ -87,6 +90,10 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
         0.0, ge=0, description="GRPO/RLOO: weight of a 0/1 program-checked reward (needs `answer` on the prompts); "
         "0 = reward model only."
     )
+    reward_model_weight: float = Field(
+        1.0, ge=0, description="GRPO/RLOO: weight of the reward model's score; 0 = the program-checked reward alone "
+        "(reinforcement learning from verifiable rewards)."
+    )
     seed: int = Field(0, description="Random seed (rollout sampling, data order).")
     logging_steps: int = Field(1, ge=1, description="Log training metrics every N updates.")
 
@@ -95,6 +102,8 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
         if self.algorithm == "ppo" and self.batch_size % self.num_mini_batches:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of num_mini_batches="
                              f"{self.num_mini_batches}")
+        if self.algorithm != "ppo" and self.reward_model_weight == 0 and self.program_reward_weight == 0:
+            raise ValueError("reward_model_weight and program_reward_weight are both 0: there is no reward; set one")
         if self.algorithm != "ppo" and self.batch_size % self.num_generations:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of num_generations="
                              f"{self.num_generations} for {self.algorithm}")
@@ -207,9 +216,13 @@ def _train_group(cfg: Config, tok: Any, reward_tok: Any, models: _Models, prompt
         from trl import RLOOConfig as AlgoConfig
         from trl import RLOOTrainer as AlgoTrainer
 
-    funcs: list[Any] = [models.reward]
-    weights = [1.0]
-    procs: list[Any] = [reward_tok]
+    funcs: list[Any] = []
+    weights: list[float] = []
+    procs: list[Any] = []
+    if cfg.reward_model_weight > 0:
+        funcs.append(models.reward)
+        weights.append(cfg.reward_model_weight)
+        procs.append(reward_tok)
     if cfg.program_reward_weight > 0:
         if not all(p["answer"] for p in prompts):
             raise StageError("program_reward_weight > 0 needs an `answer` on every RL prompt; the dataset lacks some.")

@@ -20,10 +20,12 @@ PPO = dict(total_episodes=384, batch_size=32, num_mini_batches=2, num_ppo_epochs
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("align")
-    tasks = make_tasks(root, n_train=600, n_eval=60)
+    # more requests (and refusals) in the SFT data than the default, so that a policy trained from scratch in
+    # seconds has seen enough of them to sample a refusal now and then
+    tasks = make_tasks(root, n_train=600, n_eval=60, harmful_share=0.3, sft_refusal_share=0.3)
     tok = make_tokenizer(root / "tok", tasks, vocab_size=400)
     make_model(root / "base", tok, hidden=64, layers=2)
-    policy = sft.run(sft.Config(epochs=6, learning_rate=3e-3, batch_size=32, eval_limit=None, max_new_tokens=12),
+    policy = sft.run(sft.Config(epochs=15, learning_rate=3e-3, batch_size=32, eval_limit=None, max_new_tokens=12),
                      {"model": root / "base", "tasks": tasks}, root / "sft")
     rm = reward.run(reward.Config(epochs=4, learning_rate=1e-3, batch_size=32),
                     {"model": policy.outputs["hf"], "tasks": tasks}, root / "reward")

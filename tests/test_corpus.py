@@ -129,7 +129,7 @@ def test_harmful_shares(records):
 def test_preference_pair_kinds(records):
     pairs = records["preferences.jsonl"] + records["preferences_eval.jsonl"]
     counts = {k: sum(p["kind"] == k for p in pairs) / len(pairs) for k in corpus.PREF_KINDS}
-    assert counts == pytest.approx(dict(zip(corpus.PREF_KINDS, corpus.PREF_MIX)), abs=0.06)
+    assert counts == pytest.approx(dict(zip(corpus.PREF_KINDS, corpus.PREF_MIX, strict=True)), abs=0.06)
     for p in pairs:
         chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
         assert harmful.is_refusal(chosen) == (p["kind"] == "harmful")
