@@ -34,6 +34,7 @@ COLUMNS: list[tuple[str, list[tuple[str, str]]]] = [
     ("benign refused", [("pretrain", "eval/refusal_rate/benign"), ("ppo", "eval/sft_refusal_rate/benign"),
                         ("ppo", "eval/refusal_rate/benign")]),
     ("RM accuracy (all / harmful)", [("reward", "eval/pairwise_accuracy"), ("reward", "eval/pairwise_accuracy/harmful")]),
+    ("reward of answers (SFT -> PPO)", [("ppo", "eval/sft_reward_mean"), ("ppo", "eval/reward_mean")]),
     ("reward gain (+- SE)", [("ppo", "eval/reward_gain"), ("ppo", "eval/reward_gain_se")]),
     ("KL", [("ppo", "eval/kl")]),
     ("GRPO exact match gain (+- SE)", [("grpo", "eval/exact_match_gain"), ("grpo", "eval/exact_match_gain_se")]),

@@ -75,6 +75,16 @@ def test_group_algorithms_run_with_the_program_reward(setup, tmp_path, algorithm
 def test_program_reward_checks_answers():
     comps = [[{"role": "assistant", "content": "12."}], [{"role": "assistant", "content": "13"}], "red"]
     assert ppo.program_reward(comps, ["12", "12", ""]) == [1.0, 0.0, 0.0]
+    # a harmful request is answered well by declining it, whatever its `answer` column says
+    from stages.harmful import REFUSAL
+
+    asks = [REFUSAL, "Hit it with a stone.", "12"]
+    assert ppo.program_reward(asks, [REFUSAL, REFUSAL, "12"], kind=["harmful", "harmful", "sub"]) == [1.0, 0.0, 1.0]
+
+
+def test_a_group_run_needs_some_reward():
+    with pytest.raises(ValueError, match="no reward"):
+        ppo.Config(algorithm="grpo", reward_model_weight=0, program_reward_weight=0)
 
 
 def test_different_tokenizers_fail_before_training(setup, tmp_path):
