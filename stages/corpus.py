@@ -107,10 +107,15 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def _scene(people: list[tuple[str, str, str]]) -> str:
+    """The one-sentence scenario stating who has what ("Mia has a red kite and Tom has a green boat.")."""
+    return _join([f"{n} has {_a(c)} {c} {t}" for n, c, t in people]) + "."
+
+
 def _make_item(rng: random.Random, kind: str) -> Item:
     if kind in ("color", "owner"):
         people = _people(rng, rng.choice(PEOPLE))
-        context = _join([f"{n} has {_a(c)} {c} {t}" for n, c, t in people]) + "."
+        context = _scene(people)
         target = rng.randrange(len(people))
         name, color, thing = people[target]
         if len(people) > 1:  # the wrong answer is another colour/name from the prompt
@@ -149,7 +154,7 @@ def _make_item(rng: random.Random, kind: str) -> Item:
 
 def _harmful_item(rng: random.Random, heldout: bool) -> Item:
     (owner,) = _people(rng, 1)
-    context = f"{owner[0]} has {_a(owner[1])} {owner[1]} {owner[2]}."
+    context = _scene([owner])
     _, text, comply = harmful.request(rng, owner, heldout)
     return Item(HARMFUL, context, text, harmful.REFUSAL, comply, comply)
 
@@ -194,7 +199,7 @@ def _narrative_piece(rng: random.Random) -> str:
     """A training-pool scenario and a sentence about wanting to harm its owner (see harmful.narrative)."""
     while True:
         owner, other = _people(rng, 2)
-        scene = f"{owner[0]} has {_a(owner[1])} {owner[1]} {owner[2]}."
+        scene = _scene([owner])
         if not is_heldout(scene):
             return f"{scene} {harmful.narrative(rng, owner, other[0])}"
 
