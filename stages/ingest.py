@@ -19,6 +19,7 @@ shards `stages.shard_writer`, and reading a finished corpus `stages.corpus_reade
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -61,8 +62,7 @@ from stages.shard_writer import SplitWriters
 __all__ = ["BuiltinSource", "Config", "FilesSource", "HFSource", "run"]
 
 # The task-set sizes of the built-in source change the tasks folder only, not the corpus.
-TASK_FIELDS = ("n_sft", "n_pref", "n_heldout", "n_rl_prompts", "n_heldout_harmful", "harmful_share",
-               "sft_refusal_share", "rl_harmful_share")
+TASK_FIELDS = tuple(f.name for f in dataclasses.fields(corpus.TaskSpec))
 
 
 class Config(BaseModel):
