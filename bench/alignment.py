@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.alignment [--seeds 0 1 2] [--config configs/tiny.yaml] [--set section.key=value ...]
                                         [--grpo] [--json]
 
-Seed S changes every seed of the pipeline: the built-in data (ingest seed S), pretraining (1337 + S, so seed 0 is
+Seed S changes every seed of the pipeline: the built-in data (the builtin source's seed S), pretraining (1337 + S, so seed 0 is
 exactly `make demo`), SFT, reward and PPO (S). Stages run directly (no Prefect, no MLflow) in a fresh folder per
 seed. `--grpo` also reruns the last stage per seed with GRPO and the program-checked reward (GRPO_SET below).
 Prints one markdown row per seed and a mean +- standard deviation row; `--json` adds every metric as the last line.
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.pipeline import ROOT
+from bench.pipeline import ROOT, run_stages
 
 GRPO_SET = ["ppo.algorithm=grpo", "ppo.program_reward_weight=1"]
 
@@ -47,23 +47,20 @@ def run_seed(config: str, overrides: list[str], seed: int, root: Path, grpo: boo
     from flows.specs import STAGES
     from stages.common import NullTracker
 
-    seeds = [f"ingest.sources=[{{type: builtin, seed: {seed}}}]", f"pretrain.seed={1337 + seed}",
-             f"sft.seed={seed}", f"reward.seed={seed}", f"ppo.seed={seed}"]
-    cfg = load_config(config, [*seeds, *overrides])
-    outputs: dict[tuple[str, str], Path] = {}
-    metrics: dict[str, dict[str, float]] = {}
-    wall: dict[str, float] = {}
-    for spec in STAGES:
-        inputs = {name: outputs[(stage, out)] for name, (stage, out) in spec.inputs.items()
-                  if (stage, out) in outputs or name not in spec.optional}
-        t = time.perf_counter()
-        result = spec.load().run(getattr(cfg, spec.name), inputs, root / spec.name, NullTracker())
-        wall[spec.name] = time.perf_counter() - t
-        metrics[spec.name] = result.metrics
-        outputs.update({(spec.name, k): Path(v) for k, v in result.outputs.items()})
+    seeds = [f"pretrain.seed={1337 + seed}", f"sft.seed={seed}", f"reward.seed={seed}", f"ppo.seed={seed}"]
+
+    def config_for(extra: list[str]) -> Any:
+        cfg = load_config(config, [*seeds, *overrides, *extra])
+        for src in cfg.ingest.sources:  # the data seed, keeping the config's sizes (--set cannot index a list)
+            if src.type == "builtin":
+                src.seed = seed
+        return cfg
+
+    wall, results, outputs = run_stages(config_for([]), root)
+    metrics = {name: r.metrics for name, r in results.items()}
     if grpo:
         spec = STAGES[-1]
-        grpo_cfg = load_config(config, [*seeds, *overrides, *GRPO_SET])
+        grpo_cfg = config_for(GRPO_SET)
         inputs = {name: outputs[(stage, out)] for name, (stage, out) in spec.inputs.items()}
         t = time.perf_counter()
         metrics["grpo"] = spec.load().run(grpo_cfg.ppo, inputs, root / "grpo", NullTracker()).metrics
@@ -118,10 +115,15 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object with every metric as the last line")
     args = parser.parse_args()
 
+    from stages.common import StageError
+
     base = Path(tempfile.mkdtemp(prefix="bench-alignment-"))
     results = []
     for seed in args.seeds:
-        r = run_seed(args.config, args.overrides, seed, base / f"seed{seed}", args.grpo)
+        try:
+            r = run_seed(args.config, args.overrides, seed, base / f"seed{seed}", args.grpo)
+        except StageError as e:  # a bad config or bad data: the message names the field and the fix
+            raise SystemExit(f"bench.alignment: {e}") from None
         results.append(r)
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["wall_s"].items()), flush=True)
     print(table(results))

@@ -23,14 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-def run_direct(cfg: Any, root: Path) -> tuple[float, dict[str, float]]:
-    """Every stage's plain `run` in order, wiring outputs to inputs by the same registry the flows use."""
+def run_stages(cfg: Any, root: Path) -> tuple[dict[str, float], dict[str, Any], dict[tuple[str, str], Path]]:
+    """Every stage's plain `run` in order, wiring outputs to inputs by the same registry the flows use.
+    Returns the wall time and the StageResult of each stage, and every output by (stage, output name)."""
     from flows.config import STAGES
     from stages.common import NullTracker
 
     outputs: dict[tuple[str, str], Path] = {}
     per_stage: dict[str, float] = {}
-    t0 = time.perf_counter()
+    results: dict[str, Any] = {}
     for spec in STAGES:
         inputs = {
             name: outputs[(stage, out)]
@@ -38,9 +39,16 @@ def run_direct(cfg: Any, root: Path) -> tuple[float, dict[str, float]]:
             if (stage, out) in outputs or name not in spec.optional
         }
         t = time.perf_counter()
-        result = spec.load().run(getattr(cfg, spec.name), inputs, root / spec.name, NullTracker())
+        results[spec.name] = spec.load().run(getattr(cfg, spec.name), inputs, root / spec.name, NullTracker())
         per_stage[spec.name] = time.perf_counter() - t
-        outputs.update({(spec.name, k): Path(v) for k, v in result.outputs.items()})
+        outputs.update({(spec.name, k): Path(v) for k, v in results[spec.name].outputs.items()})
+    return per_stage, results, outputs
+
+
+def run_direct(cfg: Any, root: Path) -> tuple[float, dict[str, float]]:
+    """The stages called directly: (total wall time, wall time per stage)."""
+    t0 = time.perf_counter()
+    per_stage, _, _ = run_stages(cfg, root)
     return time.perf_counter() - t0, per_stage
 
 

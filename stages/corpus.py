@@ -301,6 +301,15 @@ def _pair(item: Item, rng: random.Random) -> dict:
             "rejected": [_assistant(rejected)], "kind": kind}
 
 
+def _interleaved(questions: list[Item], requests: list[Item]) -> list[Item]:
+    """Requests spread evenly among the questions, so that any prefix (a stage's `eval_limit`) holds both."""
+    n = len(questions) + len(requests)
+    # len(requests) distinct slots in [0, n), since n >= len(requests)
+    slots = {round((k + 0.5) * n / len(requests)) for k in range(len(requests))}
+    q, r = iter(questions), iter(requests)
+    return [next(r) if i in slots else next(q) for i in range(n)]
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Sizes and mix of the task files (the ingest stage's built-in source sets them)."""
@@ -345,8 +354,8 @@ def task_records(seed: int, **spec: float) -> dict[str, list[dict]]:
         "sft.jsonl": sft(_unique_items(rng, t.n_sft, False, train_seen, t.harmful_share)),
         "preferences.jsonl": pref(_unique_items(rng, t.n_pref, False, train_seen, PREF_MIX[0])),
         "rl_prompts.jsonl": prompts(_unique_items(rng, t.n_rl_prompts, False, train_seen, t.rl_harmful_share)),
-        "heldout.jsonl": prompts(_unique_items(rng, t.n_heldout, True, held_seen)
-                                 + _unique_items(rng, t.n_heldout_harmful, True, held_seen, 1.0)),
+        "heldout.jsonl": prompts(_interleaved(_unique_items(rng, t.n_heldout, True, held_seen),
+                                              _unique_items(rng, t.n_heldout_harmful, True, held_seen, 1.0))),
         "sft_eval.jsonl": sft(_unique_items(rng, t.n_heldout, True, held_seen, t.harmful_share)),
         "preferences_eval.jsonl": pref(_unique_items(rng, t.n_heldout, True, held_seen, PREF_MIX[0])),
     }

@@ -126,6 +126,12 @@ def test_harmful_shares(records):
     assert sum(r["kind"] == corpus.HARMFUL for r in rl) / len(rl) == pytest.approx(corpus.RL_HARMFUL_SHARE, abs=0.08)
 
 
+def test_every_heldout_prefix_holds_requests_and_questions(records):
+    kinds = [r["kind"] for r in records["heldout.jsonl"]]
+    for limit in (4, 10, 50):  # a stage's eval_limit takes a prefix
+        assert corpus.HARMFUL in kinds[:limit] and set(kinds[:limit]) - {corpus.HARMFUL}
+
+
 def test_preference_pair_kinds(records):
     pairs = records["preferences.jsonl"] + records["preferences_eval.jsonl"]
     counts = {k: sum(p["kind"] == k for p in pairs) / len(pairs) for k in corpus.PREF_KINDS}
