@@ -274,11 +274,16 @@ def resolve_ref(ref: str) -> Path:
                 return fetch_artifact(tracking, run_id, art, sha, work)
         raise StageError(f"{ref}: run {run_id} recorded no output at '{art}' (see its llm.output.* tags)")
 
-    run_id = check_run_id(ref)
+    tried = (f"{ref!r} names no model: there is no folder {p.resolve()}; it is not a models:/NAME[/VERSION|@ALIAS] "
+             "or runs:/ID/PATH address")
+    try:
+        run_id = check_run_id(ref)
+    except StageError:
+        raise StageError(f"{tried}; and it is not an MLflow run id (letters, digits, '-', '_')") from None
     try:
         run = client.get_run(run_id)
     except Exception as e:
-        raise StageError(f"{ref} is neither an existing folder nor an MLflow run at {tracking.uri}") from e
+        raise StageError(f"{tried}; and there is no MLflow run {run_id} at {tracking.uri}") from e
     tags = run.data.tags
     outputs = [o for o in tags.get("llm.outputs", "").split(",") if o]
     for name in ("hf", "checkpoint", *outputs):

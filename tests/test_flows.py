@@ -321,6 +321,11 @@ def test_resolve_ref_run_id_and_registry_name(tmp_path: Path, monkeypatch: pytes
         resolve_ref("models:/no-such-model/1")
     with pytest.raises(StageError, match="no MLflow run 0123456789abcdef"):
         resolve_ref("runs:/0123456789abcdef/hf")
+    # a bad reference says what it was tried as, and why each failed
+    with pytest.raises(StageError, match=r"no folder .*no/such/folder.*models:/NAME.*not an MLflow run id"):
+        resolve_ref("no/such/folder")
+    with pytest.raises(StageError, match=r"no folder .*0123456789abcdef.*no MLflow run 0123456789abcdef"):
+        resolve_ref("0123456789abcdef")
 
 
 # ------------------------------------------------------------------------------------ Prefect artifacts, links
