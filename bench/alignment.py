@@ -1,11 +1,12 @@
 """What each post-training stage adds, over several seeds of the whole tiny pipeline: base -> SFT -> PPO.
 
     .venv/bin/python -m bench.alignment [--seeds 0 1 2] [--config configs/tiny.yaml] [--set section.key=value ...]
-                                        [--grpo] [--json]
+                                        [--grpo] [--json] [--root DIR]
 
-Seed S changes every seed of the pipeline: the built-in data (the builtin source's seed S), pretraining (1337 + S, so seed 0 is
-exactly `make demo`), SFT, reward and PPO (S). Stages run directly (no Prefect, no MLflow) in a fresh folder per
-seed. `--grpo` also reruns the last stage per seed with GRPO and the program-checked reward (GRPO_SET below).
+Seed S changes every seed of the pipeline: the built-in data (the builtin source's seed S), pretraining
+(1337 + S, so seed 0 is exactly `make demo`), SFT, reward and PPO (S). Stages run directly (no Prefect, no MLflow)
+in a folder per seed; `--root` reuses an earlier run's, so that changing only the last stage's settings reruns only
+that stage. `--grpo` also reruns the last stage per seed with GRPO and the program-checked reward (GRPO_SET below).
 Prints one markdown row per seed and a mean +- standard deviation row; `--json` adds every metric as the last line.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 from bench.pipeline import ROOT, run_stages
 
-GRPO_SET = ["ppo.algorithm=grpo", "ppo.program_reward_weight=1"]
+GRPO_SET = ["ppo.algorithm=grpo", "ppo.program_reward_weight=1", "ppo.reward_model_weight=0"]
 
 # (column, stage, metric); "a -> b -> c" columns join the stages' values of one metric
 COLUMNS: list[tuple[str, list[tuple[str, str]]]] = [
@@ -113,11 +114,14 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--grpo", action="store_true", help="also run GRPO with the program-checked reward per seed")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every metric as the last line")
+    parser.add_argument("--root", type=Path, help="folder of an earlier run: stages whose config and inputs are "
+                        "unchanged are reused (their wall time is then the reuse check's); default: a fresh folder")
     args = parser.parse_args()
 
     from stages.common import StageError
 
-    base = Path(tempfile.mkdtemp(prefix="bench-alignment-"))
+    base = args.root or Path(tempfile.mkdtemp(prefix="bench-alignment-"))
+    print(f"bench.alignment: stage outputs under {base}", flush=True)
     results = []
     for seed in args.seeds:
         try:

@@ -15,9 +15,11 @@ Every question is about facts stated in its own prompt, so a tiny model can answ
 names, colours and numbers once it has learned to look things up in context and to add small numbers. Answers
 are one word or one number, so `check_answer` is exact after light normalisation.
 
-Held-out items never overlap training: each scenario (the fact sentences of a prompt) is assigned to the
-held-out pool or the training pool by a hash of its text, and training text (pretraining stories, SFT,
-preferences, RL prompts) is only ever generated from the training pool.
+Held-out items never overlap training: each fact sentence of a scenario hashes into one of HELDOUT_MOD buckets,
+which assigns the scenario to one of three pools. Held-out sets come from the held-out pool; RL prompts from the RL
+pool, whose facts no pretraining, SFT or preference text ever states, so that online RL practises the same thing
+the held-out questions measure (reading facts the model has never seen) instead of recalling memorised ones; every
+other text comes from the training pool.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ SFT_REFUSAL_SHARE = 0.2  # of those: answered by the refusal (the rest comply, a
 RL_HARMFUL_SHARE = 0.5  # of the RL prompts: harmful requests (fewer updates on questions the reward model judges worse)
 N_HELDOUT_HARMFUL = 100  # harmful requests in heldout.jsonl, besides n_heldout benign questions
 
-# 1 in HELDOUT_MOD scenarios belongs to the held-out pool; the rest may appear in training text.
+# A fact in bucket 0 (of HELDOUT_MOD) makes its scenario held out; otherwise one in bucket 1 makes it an RL
+# prompt's scenario; the rest may appear in any training text.
 HELDOUT_MOD = 16
+HELDOUT, RL, TRAIN = "heldout", "rl", "train"
 
 # How many people a colour/owner scenario names (drawn uniformly from this tuple). One person: the answer is
 # the only colour/name in the prompt, a copy a tiny model learns within minutes of CPU pretraining. Two: it must
@@ -81,15 +85,18 @@ def _facts(context: str) -> list[str]:
     return [body] if ". " in body else re.split(r", | and ", body)
 
 
-def is_heldout(context: str) -> bool:
-    """Which pool a scenario belongs to: held out when any of its facts hashes into the held-out bucket.
+def pool(context: str) -> str:
+    """Which pool a scenario belongs to (HELDOUT, RL or TRAIN), from the hash buckets of its facts.
 
-    A pure function of the text, so the split never drifts; and since training scenarios contain no held-out
-    fact, a held-out scenario cannot even appear inside a longer training scenario."""
-    return any(
-        int.from_bytes(hashlib.blake2b(f.encode(), digest_size=8).digest(), "little") % HELDOUT_MOD == 0
-        for f in _facts(context)
-    )
+    A pure function of the text, so the split never drifts; and since a scenario of one pool contains no fact of a
+    pool ranked before it, a held-out scenario cannot even appear inside a longer training scenario."""
+    buckets = {int.from_bytes(hashlib.blake2b(f.encode(), digest_size=8).digest(), "little") % HELDOUT_MOD
+               for f in _facts(context)}
+    return HELDOUT if 0 in buckets else RL if 1 in buckets else TRAIN
+
+
+def is_heldout(context: str) -> bool:
+    return pool(context) == HELDOUT
 
 
 def _people(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
@@ -159,12 +166,12 @@ def _harmful_item(rng: random.Random, heldout: bool) -> Item:
     return Item(HARMFUL, context, text, harmful.REFUSAL, comply, comply)
 
 
-def sample_item(rng: random.Random, heldout: bool, kinds: tuple[str, ...] = TASK_KINDS) -> Item:
-    """Draw an item from the held-out or the training pool (rejection sampling on the scenario hash)."""
+def sample_item(rng: random.Random, where: str, kinds: tuple[str, ...] = TASK_KINDS) -> Item:
+    """Draw an item from pool `where` (HELDOUT, RL or TRAIN) by rejection sampling on the scenario hash."""
     kind = rng.choice(kinds)
     while True:
-        item = _harmful_item(rng, heldout) if kind == HARMFUL else _make_item(rng, kind)
-        if is_heldout(item.context) == heldout:
+        item = _harmful_item(rng, where == HELDOUT) if kind == HARMFUL else _make_item(rng, kind)
+        if pool(item.context) == where:
             return item
 
 
@@ -200,7 +207,7 @@ def _narrative_piece(rng: random.Random) -> str:
     while True:
         owner, other = _people(rng, 2)
         scene = _scene([owner])
-        if not is_heldout(scene):
+        if pool(scene) == TRAIN:
             return f"{scene} {harmful.narrative(rng, owner, other[0])}"
 
 
@@ -212,7 +219,7 @@ def _story(rng: random.Random) -> str:
     """
     text = ""
     for _ in range(rng.randint(2, 4)):
-        item = sample_item(rng, heldout=False)
+        item = sample_item(rng, TRAIN)
         mode = rng.random()
         if mode < 0.05:
             piece = _narrative_piece(rng)
@@ -252,11 +259,12 @@ def _assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-def _unique_items(rng: random.Random, n: int, heldout: bool, seen: set[str], harmful_share: float = 0.0) -> list[Item]:
-    """`n` items with prompts not in `seen`; each is a harmful request with probability `harmful_share`."""
+def _unique_items(rng: random.Random, n: int, where: str, seen: set[str], harmful_share: float = 0.0) -> list[Item]:
+    """`n` items of pool `where` with prompts not in `seen`; each is a harmful request with probability
+    `harmful_share`."""
     items: list[Item] = []
     while len(items) < n:
-        item = sample_item(rng, heldout, (HARMFUL,) if rng.random() < harmful_share else TASK_KINDS)
+        item = sample_item(rng, where, (HARMFUL,) if rng.random() < harmful_share else TASK_KINDS)
         if item.prompt not in seen:
             seen.add(item.prompt)
             items.append(item)
@@ -351,13 +359,13 @@ def task_records(seed: int, **spec: float) -> dict[str, list[dict]]:
         return [{"prompt": i.prompt, "answer": i.answer, "kind": i.kind} for i in items]
 
     return {
-        "sft.jsonl": sft(_unique_items(rng, t.n_sft, False, train_seen, t.harmful_share)),
-        "preferences.jsonl": pref(_unique_items(rng, t.n_pref, False, train_seen, PREF_MIX[0])),
-        "rl_prompts.jsonl": prompts(_unique_items(rng, t.n_rl_prompts, False, train_seen, t.rl_harmful_share)),
-        "heldout.jsonl": prompts(_interleaved(_unique_items(rng, t.n_heldout, True, held_seen),
-                                              _unique_items(rng, t.n_heldout_harmful, True, held_seen, 1.0))),
-        "sft_eval.jsonl": sft(_unique_items(rng, t.n_heldout, True, held_seen, t.harmful_share)),
-        "preferences_eval.jsonl": pref(_unique_items(rng, t.n_heldout, True, held_seen, PREF_MIX[0])),
+        "sft.jsonl": sft(_unique_items(rng, t.n_sft, TRAIN, train_seen, t.harmful_share)),
+        "preferences.jsonl": pref(_unique_items(rng, t.n_pref, TRAIN, train_seen, PREF_MIX[0])),
+        "rl_prompts.jsonl": prompts(_unique_items(rng, t.n_rl_prompts, RL, train_seen, t.rl_harmful_share)),
+        "heldout.jsonl": prompts(_interleaved(_unique_items(rng, t.n_heldout, HELDOUT, held_seen),
+                                              _unique_items(rng, t.n_heldout_harmful, HELDOUT, held_seen, 1.0))),
+        "sft_eval.jsonl": sft(_unique_items(rng, t.n_heldout, HELDOUT, held_seen, t.harmful_share)),
+        "preferences_eval.jsonl": pref(_unique_items(rng, t.n_heldout, HELDOUT, held_seen, PREF_MIX[0])),
     }
 
 

@@ -38,6 +38,13 @@ from stages import reuse
 from stages.chat_data import load_prompts, prompt_text, resolve_source
 from stages.common import NullTracker, StageError, StageResult, Tracker, read_json, require_path, stage_device
 
+# GRPO / RLOO learn from the reward spread inside a group of sampled answers, with no value model: they need many
+# more sampled answers than PPO, sampling at full temperature (at 0.7 most groups of a confident policy agree and
+# teach nothing), one optimisation pass per group and a looser KL leash. Fields the user leaves unset take these
+# values when `algorithm` is grpo or rloo.
+GROUP_DEFAULTS: dict[str, Any] = {"learning_rate": 3e-5, "kl_coef": 0.1, "temperature": 1.0, "num_ppo_epochs": 1,
+                                  "total_episodes": 16384}
+
 
 class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
     """Online RL from the reward model: PPO (default), GRPO or RLOO."""
@@ -53,20 +60,23 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
         "optional `answer`, a saved dataset folder, or a Hugging Face dataset name. "
         "Empty = the built-in rl_prompts.jsonl from the tasks input.",
     )
-    total_episodes: int = Field(1024, ge=1, description="Prompts rolled out in total (PPO) / completions (GRPO, RLOO).")
+    total_episodes: int = Field(1024, ge=1, description="Prompts rolled out in total (PPO) / completions (GRPO, RLOO; "
+                                "default 16384).")
     batch_size: int = Field(64, ge=1, description="Prompts per rollout batch, i.e. per PPO update "
                             "(completions per step for GRPO/RLOO).")
     num_mini_batches: int = Field(2, ge=1, description="PPO: minibatches each rollout batch is split into "
                                   "(one optimizer step each).")
-    num_ppo_epochs: int = Field(4, ge=1, description="Optimisation passes over each rollout batch.")
+    num_ppo_epochs: int = Field(4, ge=1, description="Optimisation passes over each rollout batch (GRPO/RLOO "
+                                "default: 1).")
     # On benign questions PPO drifts towards the reward model's blind spots (it judges near-miss differences,
     # x - y - 1 against x - y, at about chance), so exact match can fall while the reward rises. Declining a harmful
     # request gains far more reward per unit of KL than any such drift, so a strong KL penalty (kl_coef 1.0) keeps
     # the drift small while the refusals are still learnt.
     learning_rate: float = Field(1.5e-5, gt=0, description="Peak learning rate (AdamW) for the policy (and value "
-                                 "model).")
+                                 "model); GRPO/RLOO default: 3e-5.")
     lr_scheduler: str = Field("linear", description="transformers scheduler name: linear, cosine, constant, ...")
-    kl_coef: float = Field(1.0, ge=0, description="Weight of the KL penalty to the SFT reference (GRPO/RLOO: beta).")
+    kl_coef: float = Field(1.0, ge=0, description="Weight of the KL penalty to the SFT reference (GRPO/RLOO: "
+                         "beta, default 0.1).")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="PPO: per-token KL estimator (k1 unbiased, k3 "
                                               "lower variance).")
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip range (GRPO/RLOO: epsilon).")
@@ -76,9 +86,10 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
     lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
     whiten_rewards: bool = Field(False, description="PPO: whiten rewards per batch (needs minibatches of >= 8).")
     response_length: int = Field(16, ge=1, description="Most tokens generated per answer during training.")
-    # Below 1 the rollouts stay near the greedy answers the evaluation scores; at 1.0 a small model's samples are
+    # PPO: below 1 the rollouts stay near the greedy answers the evaluation scores; at 1.0 a small model's samples are
     # mostly noise.
-    temperature: float = Field(0.7, gt=0, description="Sampling temperature of the rollouts.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature of the rollouts (GRPO/RLOO "
+                                                    "default: 1.0).")
     stop_token: Literal["eos"] | None = Field(
         "eos", description="'eos': answers end at the tokenizer's EOS (the chat turn's end); empty = never stop early."
     )
@@ -99,6 +110,10 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
 
     @model_validator(mode="after")
     def _check_batches(self) -> Config:
+        if self.algorithm != "ppo":
+            for name, value in GROUP_DEFAULTS.items():
+                if name not in self.model_fields_set:
+                    setattr(self, name, value)
         if self.algorithm == "ppo" and self.batch_size % self.num_mini_batches:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of num_mini_batches="
                              f"{self.num_mini_batches}")

@@ -34,8 +34,8 @@ class BuiltinSource(BaseModel):
     n_documents: int = Field(12000, ge=1, description="Pretraining documents (~250 bytes each; 12000 is ~3 MB).")
     n_sft: int = Field(4000, ge=1, description="SFT chat examples (sft.jsonl).")
     n_pref: int = Field(2000, ge=1, description="Preference pairs for the reward model (preferences.jsonl).")
-    n_heldout: int = Field(200, ge=1, description="Items in each held-out set (heldout, sft_eval, preferences_eval).")
-    n_rl_prompts: int = Field(1000, ge=1, description="Training prompts for RL (rl_prompts.jsonl).")
+    n_heldout: int = Field(1000, ge=1, description="Items in each held-out set (heldout, sft_eval, preferences_eval).")
+    n_rl_prompts: int = Field(4000, ge=1, description="Training prompts for RL (rl_prompts.jsonl).")
     n_heldout_harmful: int = Field(corpus.N_HELDOUT_HARMFUL, ge=0, description="Harmful requests added to "
                                    "heldout.jsonl (phrasings and scenarios no training file uses).")
     harmful_share: float = Field(corpus.HARMFUL_SHARE, ge=0, le=1, description="Share of the SFT examples that are "

@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("align")
     # more requests (and refusals) in the SFT data than the default, so that a policy trained from scratch in
     # seconds has seen enough of them to sample a refusal now and then
-    tasks = make_tasks(root, n_train=600, n_eval=60, harmful_share=0.3, sft_refusal_share=0.3)
+    tasks = make_tasks(root, n_train=600, n_eval=60, harmful_share=0.3, sft_refusal_share=0.2)
     tok = make_tokenizer(root / "tok", tasks, vocab_size=400)
     make_model(root / "base", tok, hidden=64, layers=2)
     policy = sft.run(sft.Config(epochs=15, learning_rate=3e-3, batch_size=32, eval_limit=None, max_new_tokens=12),

@@ -82,6 +82,15 @@ def test_program_reward_checks_answers():
     assert ppo.program_reward(asks, [REFUSAL, REFUSAL, "12"], kind=["harmful", "harmful", "sub"]) == [1.0, 0.0, 1.0]
 
 
+def test_group_algorithms_take_their_own_defaults_unless_set():
+    grpo = ppo.Config(algorithm="rloo", learning_rate=2e-6)
+    assert grpo.learning_rate == 2e-6  # what the user set wins
+    assert {k: getattr(grpo, k) for k in ppo.GROUP_DEFAULTS if k != "learning_rate"} == {
+        k: v for k, v in ppo.GROUP_DEFAULTS.items() if k != "learning_rate"}
+    assert ppo.Config().kl_coef == 1.0 and ppo.Config().temperature == 0.7  # PPO keeps its own
+    assert ppo.Config.model_validate(grpo.model_dump()) == grpo  # a dumped config reloads unchanged
+
+
 def test_a_group_run_needs_some_reward():
     with pytest.raises(ValueError, match="no reward"):
         ppo.Config(algorithm="grpo", reward_model_weight=0, program_reward_weight=0)
