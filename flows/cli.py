@@ -335,7 +335,8 @@ def _add_up(subparsers: Any) -> None:
         "--detach", action="store_true", help="return once both answer; stop later with `llm-pipeline down`"
     )
     p.add_argument("--advertise", default=None,
-                   help="host name clients and browsers use to reach the servers (default: --host, or this "
+                   help="host name(s) clients and browsers use to reach the servers, comma-separated; the first "
+                   "is printed, and an exposed MLflow answers only these and loopback (default: --host, or this "
                    "machine's name when bound to 0.0.0.0)")  # fmt: skip
     p.add_argument(
         "--auth",

@@ -285,9 +285,17 @@ def _server_envs(
     return prefect_env, mlflow_env, client_env
 
 
-def _allowed_hosts(adv: str) -> list[str]:
-    """Host headers an exposed MLflow server answers (it refuses others): loopback, its advertised name, LANs."""
-    return ["localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*", adv, f"{adv}:*", "10.*", "192.168.*"]
+def allowed_hosts(advertised: list[str]) -> list[str]:
+    """Host headers an exposed MLflow server answers (it refuses others, against DNS rebinding): loopback and the
+    names the user advertised, each with any port; no address range is let in that the user did not name."""
+    names = ["localhost", "127.0.0.1", *advertised]
+    return [h for n in dict.fromkeys(names) for h in (_url_host(n), f"{_url_host(n)}:*")]
+
+
+def advertised_names(advertise: str | None, host: str) -> list[str]:
+    """`--advertise` as a list (comma-separated names and addresses); the first is the one printed in addresses."""
+    names = [n.strip() for n in (advertise or "").split(",") if n.strip()]
+    return names or [advertised_host(host)]
 
 
 def _start_and_record(
@@ -353,8 +361,8 @@ def up(
     _check_can_start(work_dir, host, prefect_port, mlflow_port)
     exposed = not is_loopback(host)
     auth = exposed if auth is None else auth
-    adv = advertise or advertised_host(host)
-    ep = Endpoints.make(adv, prefect_port, mlflow_port)
+    names = advertised_names(advertise, host)
+    ep = Endpoints.make(names[0], prefect_port, mlflow_port)
     (work_dir / MLFLOW_ARTIFACTS).mkdir(parents=True, exist_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)
     prefect_env, mlflow_env, client_env = _server_envs(work_dir, state_dir, ep, auth)
@@ -364,7 +372,7 @@ def up(
                f"http://{loop}:{prefect_port}/api/health", state_dir / "prefect.log"),
         Server("MLflow",
                mlflow_command(host, mlflow_port, f"sqlite:///{work_dir / MLFLOW_DB}", str(work_dir / MLFLOW_ARTIFACTS),
-                              workers=mlflow_workers, auth=auth, allowed_hosts=_allowed_hosts(adv) if exposed else None),
+                              workers=mlflow_workers, auth=auth, allowed_hosts=allowed_hosts(names) if exposed else None),
                mlflow_env, f"http://{loop}:{mlflow_port}/health", state_dir / "mlflow.log"),
     ]  # fmt: skip
     leave_running = False

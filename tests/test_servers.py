@@ -285,6 +285,16 @@ def test_exposed_servers_get_authentication(tmp_path, monkeypatch):
     assert "--app-name" not in supervisor.mlflow_command("127.0.0.1", 5000, "sqlite:///x.db", "/a")
 
 
+def test_exposed_mlflow_answers_only_the_advertised_names():
+    names = supervisor.advertised_names("gpu-box, gpu-box.lan,172.20.0.5", "0.0.0.0")
+    assert names == ["gpu-box", "gpu-box.lan", "172.20.0.5"]
+    hosts = supervisor.allowed_hosts(names)
+    assert {"gpu-box", "gpu-box.lan:*", "172.20.0.5:*", "localhost:*", "127.0.0.1"} <= set(hosts)
+    assert not [h for h in hosts if "*" in h.split(":")[0]], "no address range the user did not name"
+    assert supervisor.advertised_names(None, "10.0.0.7") == ["10.0.0.7"]
+    assert "[::1]:*" in supervisor.allowed_hosts(["::1"])
+
+
 def test_serve_reads_the_servers_up_recorded(tmp_path, monkeypatch):
     for k in deploy.CLIENT_VARS:
         monkeypatch.delenv(k, raising=False)
