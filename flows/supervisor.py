@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from flows.credentials import client_credentials, ensure_credentials, mlflow_auth_env, write_private
+from flows.tracking import ml_view
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PREFECT_PORT = 4200
@@ -399,7 +400,7 @@ def _print_banner(
     lines = [
         "",
         f"  Prefect UI:  {ep.prefect_url}",
-        f"  MLflow UI:   {ep.mlflow_url}",
+        f"  MLflow UI:   {ml_view(ep.mlflow_url + '/#/experiments')}",
         "",
         "  Point the CLI, `llm-pipeline serve` and notebooks at them (also written to " + str(env_sh) + "):",
         *(

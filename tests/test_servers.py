@@ -61,7 +61,8 @@ def get(url: str) -> bytes:
 def test_up_prints_addresses_and_answers(stack):
     text = stack.up_log.read_text()
     assert f"Prefect UI:  http://127.0.0.1:{stack.prefect_port}" in text
-    assert f"MLflow UI:   http://127.0.0.1:{stack.mlflow_port}" in text
+    # the printed address opens the experiments in MLflow's model-training view, not its GenAI one
+    assert f"MLflow UI:   http://127.0.0.1:{stack.mlflow_port}/#/experiments?workflowType=machine_learning" in text
     assert stack.client_env == {
         "PREFECT_API_URL": f"http://127.0.0.1:{stack.prefect_port}/api",
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{stack.mlflow_port}",
