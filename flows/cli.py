@@ -16,12 +16,13 @@ import re
 import socket
 import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from flows.deploy import deployment_name, serve
-from flows.specs import DEFAULT_CONFIG, STAGES, default_config
+from flows.specs import DEBUG_ENV, DEFAULT_CONFIG, STAGES, default_config
 from flows.supervisor import (
     DEFAULT_HOST,
     DEFAULT_MLFLOW_PORT,
@@ -418,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llm-pipeline",
         description="Train a language model from raw text to an aligned assistant, tracked in MLflow, run by Prefect.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error, also of errors in "
+                        "config, data or run references (accepted anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="run the whole pipeline (unchanged stages are reused)")
     _add_config_args(p)
@@ -445,12 +448,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _prepare_env()
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # read by the Prefect log filter (flows.prefect_ui), here and in flow runs
     if argv[:1] in (["run"], ["stage"]) and not {"-h", "--help"} & set(argv) and _prefect_home_ready():
         _prestart_prefect()  # before the parser imports torch (llm.cli): the server boots meanwhile
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (StageError, ServerError) as e:
+        if debug:
+            traceback.print_exc()
         print(f"llm-pipeline: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,10 +4,12 @@ records in the run's log."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from functools import cache
 
+from flows.specs import DEBUG_ENV
 from flows.stage_runner import StageOutcome
 
 log = logging.getLogger(__name__)
@@ -113,11 +115,41 @@ class _InPrefectRun(logging.Filter):
         return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 
 
+def is_user_error(exc: BaseException | None) -> bool:
+    """An error the user fixes by changing config, data or a run reference: its message is the whole story."""
+    from pydantic import ValidationError
+
+    from stages.common import StageError
+
+    return isinstance(exc, StageError | ValidationError)
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task or flow run with its traceback; for a user error that is forty lines of engine
+    frames around a one-line message that already names the file or field and the fix. The traceback stays with
+    `--debug` (LLM_PIPELINE_DEBUG) or when Prefect's run loggers are at DEBUG level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        keep = os.environ.get(DEBUG_ENV) or logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        if is_user_error(exc) and not keep:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@cache
+def hide_user_error_tracebacks() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
+
+
 @cache
 def route_logs_to_prefect() -> None:
     """Send this project's own log records (INFO and up) to the Prefect run they happen in, so the run's log in the
     UI says what the stage did; library chatter (prints, other loggers) stays on the worker's console."""
     from prefect.logging.handlers import APILogHandler
+
+    hide_user_error_tracebacks()
 
     handler = APILogHandler(level=logging.INFO)
     handler.addFilter(_InPrefectRun())

@@ -100,6 +100,7 @@ class PipelineSection(BaseModel):
 
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
+DEBUG_ENV = "LLM_PIPELINE_DEBUG"  # set by `llm-pipeline --debug`: errors keep their traceback everywhere
 
 
 def default_config() -> Path | None:
