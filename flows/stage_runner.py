@@ -40,7 +40,15 @@ from flows.lineage import (
 )
 from flows.paths import SAFE_NAME, check_inside, check_run_id
 from flows.specs import PipelineSection, StageSpec
-from flows.tracking import MlflowTracker, Tracking, call_with_retry, run_link, run_links, setup_tracking
+from flows.tracking import (
+    MlflowTracker,
+    Tracking,
+    call_with_retry,
+    replay_orphaned_spills,
+    run_link,
+    run_links,
+    setup_tracking,
+)
 from llm.files import sha256_tree
 from stages.common import StageError, StageResult
 
@@ -307,6 +315,10 @@ def run_stage(
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    try:  # metrics an earlier process could not deliver before it died go to their run first
+        replay_orphaned_spills(tracking.client, work_dir / "tracking")
+    except Exception as e:  # the files stay for the next run; never block a stage over them
+        log.warning("could not replay spilled metrics yet: %s", e)
     run_id = _create_run(tracking, spec, key, runs, refs, parent_run_id)
     tracker = MlflowTracker(tracking.client, run_id, spill_path=work_dir / "tracking" / f"{run_id}.jsonl")
     nr = _NewRun(tracking, run_id, spec.name, pipeline, out_dir, tracker)

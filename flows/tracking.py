@@ -247,6 +247,9 @@ class MlflowTracker:
         if self.spill_path:
             self.spill_path.parent.mkdir(parents=True, exist_ok=True)
             self._spill = open(self.spill_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            # held while this process lives (the OS drops it when the process dies): a spill file nobody holds is
+            # an orphan that `replay_orphaned_spills` may deliver
+            _try_lock(self._spill)
         self._thread = threading.Thread(target=self._loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -337,8 +340,24 @@ class MlflowTracker:
                 self.spill_path.unlink()
 
 
+def _try_lock(f: Any) -> bool:
+    """Take an exclusive lock on an open file without waiting; False when another process holds one."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform: treat every spill file as held
+        return False
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 def replay_spill(client: Any, run_id: str, spill_path: str | Path) -> int:
-    """Upload metrics a crashed process left in its spill file; returns how many were sent."""
+    """Upload the metrics a dead process left in its spill file; returns how many were sent.
+
+    Idempotent: the file may hold metrics that were delivered before the process died, and the tracking store keeps
+    one row per (key, value, timestamp, step) of a run, so sending them again adds nothing."""
     p = Path(spill_path)
     if not p.exists():
         return 0
@@ -357,3 +376,25 @@ def replay_spill(client: Any, run_id: str, spill_path: str | Path) -> int:
         t._stop.set()
     p.unlink()
     return n
+
+
+def replay_orphaned_spills(client: Any, spill_dir: str | Path) -> dict[str, int]:
+    """Deliver every spill file under `spill_dir` (`<run id>.jsonl`) that no live process holds, into the run it was
+    logged to, and end that run FAILED if its process left it running. Returns run id -> metrics replayed."""
+    done: dict[str, int] = {}
+    for path in sorted(Path(spill_dir).glob("*.jsonl")) if Path(spill_dir).is_dir() else []:
+        run_id = path.stem
+        with open(path, encoding="utf-8") as f:
+            if not _try_lock(f) or not path.exists():
+                continue  # its process is alive and still delivering, or another replay took it
+            try:
+                run = client.get_run(run_id)
+            except Exception as e:
+                log.warning("spill file %s names no run of this tracking store (%s); left in place", path, e)
+                continue
+            done[run_id] = replay_spill(client, run_id, path)
+            if run.info.status in ("RUNNING", "SCHEDULED"):
+                client.set_terminated(run_id, "FAILED")
+                client.set_tag(run_id, "llm.error", "its process ended without finishing (metrics replayed later)")
+        log.info("replayed %d metrics into MLflow run %s, left behind by a process that ended", done[run_id], run_id)
+    return done

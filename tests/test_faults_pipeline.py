@@ -19,7 +19,7 @@ from flows.lineage import fetch_artifact
 from flows.paths import check_run_id, safe_artifact_path
 from flows.stage_flow import make_stage_flow
 from flows.stage_runner import run_stage
-from flows.tracking import TrackingUnavailableError, setup_tracking
+from flows.tracking import TrackingUnavailableError, replay_orphaned_spills, setup_tracking
 from stages.common import StageError
 
 SPECS = ff.fake_specs()
@@ -244,3 +244,62 @@ def test_corrupted_artifact_is_detected_by_hash(tmp_path: Path) -> None:
         fetch_artifact(tr, ing.run_id, "corpus", ing.output_hashes["corpus"], wd)
     assert not (wd / "inputs" / ing.run_id / "corpus").exists(), "a corrupt download is not kept"
 
+
+
+_KILLED_STAGE = """
+import pathlib, sys, time
+import flows_fakes as ff
+from flows.stage_runner import run_stage
+
+work, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+
+def hook(step):
+    if step == 5:
+        print("logging", flush=True)  # the parent stops the server now, then creates `go`
+        while not go.exists():
+            time.sleep(0.1)
+    if step == 20:
+        print("kill me", flush=True)
+        time.sleep(600)
+
+ff.HOOKS["ingest"] = hook
+spec = {s.name: s for s in ff.fake_specs()}["ingest"]
+run_stage(spec, ff.FakeConfig(steps=30, step_sleep_s=0.05), ff.section(work, tracking_wait_s=300))
+"""
+
+
+@pytest.mark.slow
+def test_metrics_of_a_stage_killed_while_the_server_is_down_reach_their_run_exactly_once(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    srv = MlflowServer(tmp_path)
+    srv.start()
+    work, go = tmp_path / "wd", tmp_path / "go"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": srv.uri, "PYTHONPATH": str(ROOT / "tests")}
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_STAGE, str(work), str(go)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "logging"
+        srv.stop()
+        go.touch()
+        assert child.stdout.readline().strip() == "kill me"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        (spill,) = (work / "tracking").glob("*.jsonl")
+        killed_run = spill.stem
+        saved = spill.read_bytes()
+        srv.start()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
+        out = run_stage(BY_NAME["ingest"], ff.FakeConfig(steps=3), ff.section(work))  # the rerun replays first
+        client = setup_tracking(ff.section(work).experiment, work).client
+        history = client.get_metric_history(killed_run, "train/loss")
+        assert sorted(m.step for m in history) == list(range(20)), "each metric logged before the kill, once"
+        assert client.get_run(killed_run).info.status == "FAILED"
+        assert client.get_run(out.run_id).info.status == "FINISHED" and out.run_id != killed_run
+        assert not list((work / "tracking").glob("*.jsonl")), "the spill file is gone once delivered"
+        # a replay of metrics that already arrived (a process that died after delivering) adds nothing
+        spill.write_bytes(saved)
+        assert replay_orphaned_spills(client, work / "tracking") == {killed_run: 40}
+        assert len(client.get_metric_history(killed_run, "train/loss")) == 20
+    finally:
+        child.kill()
+        srv.stop()
