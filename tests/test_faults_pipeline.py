@@ -303,3 +303,28 @@ def test_metrics_of_a_stage_killed_while_the_server_is_down_reach_their_run_exac
     finally:
         child.kill()
         srv.stop()
+
+
+_OPEN_STORE = """
+import sys, time
+from flows.tracking import setup_tracking
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # both processes open the fresh store at the same instant
+tr = setup_tracking("llm-pipeline", sys.argv[1])
+tr.client.create_run(tr.experiment_id)
+print("ok", tr.experiment_id)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_opening_a_fresh_embedded_store_at_once_both_work(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    start = str(time.time() + 8)  # after both interpreters have imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_STORE, str(tmp_path / "wd"), start], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0 and out.startswith("ok"), err[-3000:]
+    assert len({out.split()[1] for out, _ in outs}) == 1, "one experiment, not two"
+    tr = setup_tracking("llm-pipeline", tmp_path / "wd")  # the store is usable afterwards
+    assert len(tr.client.search_runs([tr.experiment_id])) == 2
