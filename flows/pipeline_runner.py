@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from flows.lineage import TAG_PIPELINE, fetch_artifact
+from flows.locks import file_lock
 from flows.prefect_ui import pipeline_summary_markdown, publish_pipeline_summary
 from flows.specs import STAGES, PipelineSection, StageSpec
 from flows.stage_runner import StageOutcome, find_reusable, flatten
@@ -167,7 +168,9 @@ def _run_under(
         final = next((o for o in outcomes if o.stage == FINAL_STAGE), None)
         if final is not None:
             work_dir = Path(section.work_dir).resolve()
-            version, created = register_final_model(tracking, section.registered_model, pid, final, work_dir)
+            # two pipelines ending at once would each find no version holding this model and both register one
+            with file_lock(work_dir / "locks" / f"register-{section.registered_model}.lock"):
+                version, created = register_final_model(tracking, section.registered_model, pid, final, work_dir)
             client.set_tag(pid, "llm.registered_model", f"models:/{section.registered_model}/{version}")
         client.set_tag(pid, "llm.stages_reused", str(sum(o.reused for o in outcomes)))
         client.set_terminated(pid, "FINISHED")

@@ -38,6 +38,7 @@ from flows.lineage import (
     log_inputs,
     resolve_upstream,
 )
+from flows.locks import file_lock
 from flows.paths import SAFE_NAME, check_inside, check_run_id
 from flows.specs import PipelineSection, StageSpec
 from flows.tracking import (
@@ -303,11 +304,26 @@ def run_stage(
 
     hit, runs, refs, key = find_reusable(spec, cfg, tracking, from_run=from_run, upstream=upstream)
     force = force or pipeline.force
-    if hit is not None and not force:
-        log.info("stage %s: reusing finished run %s (same config, inputs and code)", spec.name, hit.run_id)
-        hit.wall_s = time.monotonic() - t0
-        return hit
+    if hit is None or force:
+        # one process per cache key computes the stage; another run of the same key waits here, then reuses it
+        with file_lock(work_dir / "locks" / f"{spec.name}-{key[:32]}.lock"):
+            if not force:
+                hit, runs, refs, key = find_reusable(spec, cfg, tracking, from_run=from_run, upstream=upstream)
+            if hit is None or force:
+                out = _execute(spec, module, cfg, pipeline, tracking, work_dir, runs, refs, key, parent_run_id,
+                               force=force, retrying=retrying)
+                out.wall_s = time.monotonic() - t0
+                return out
+    log.info("stage %s: reusing finished run %s (same config, inputs and code)", spec.name, hit.run_id)
+    hit.wall_s = time.monotonic() - t0
+    return hit
 
+
+def _execute(
+    spec: StageSpec, module: Any, cfg: BaseModel, pipeline: PipelineSection, tracking: Tracking, work_dir: Path,
+    runs: dict[str, Any], refs: list[Any], key: str, parent_run_id: str | None, *, force: bool, retrying: bool,
+) -> StageOutcome:  # fmt: skip
+    """Run the stage under a new MLflow run (the cache missed or `force`)."""
     local = {r.name: fetch_artifact(tracking, r.run_id, r.artifact, r.sha256, work_dir) for r in refs}
     out_dir = work_dir / "stages" / spec.name / key[:16]
     check_inside(out_dir, work_dir, "stage output folder")
@@ -332,6 +348,4 @@ def run_stage(
         raise
     upstream_ids = {s: r.info.run_id for s, r in runs.items()}
     samples = [{k: _jsonable(v) for k, v in row.items()} for row in result.samples[:50]]
-    out = _outcome(tracking, spec.name, run_id, False, key, metrics, arts, hashes, upstream_ids, samples)
-    out.wall_s = time.monotonic() - t0
-    return out
+    return _outcome(tracking, spec.name, run_id, False, key, metrics, arts, hashes, upstream_ids, samples)

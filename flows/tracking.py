@@ -16,11 +16,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flows.locks import file_lock
 from stages.common import StageError, TransientError
 
 log = logging.getLogger(__name__)
@@ -147,31 +148,15 @@ def setup_tracking(experiment: str, work_dir: str | Path, offline: bool = False)
         work.mkdir(parents=True, exist_ok=True)
         uri = embedded_uri(work)
     mlflow.set_tracking_uri(uri)
-    with _store_lock(work) if embedded else contextlib.nullcontext():
+    # opening a fresh embedded store runs MLflow's schema migrations; two processes migrating one SQLite file at once
+    # both fail and leave it unusable (`table _alembic_tmp_... already exists`), so the others wait
+    with file_lock(work / "mlflow.db.lock") if embedded else contextlib.nullcontext():
         client = mlflow.MlflowClient(tracking_uri=uri)
         exp_id, exp = _experiment(client, experiment, work, embedded)
     if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
     return Tracking(uri=uri, experiment_id=exp_id, experiment_name=experiment, embedded=embedded, client=client)
-
-
-@contextlib.contextmanager
-def _store_lock(work: Path) -> Iterator[None]:
-    """Held while a process opens the embedded store: opening a fresh one runs MLflow's schema migrations, and two
-    processes migrating one SQLite file at once both fail and leave it unusable (`table _alembic_tmp_... already
-    exists`). The others wait, then find the store migrated."""
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks on this platform
-        yield
-        return
-    with open(work / "mlflow.db.lock", "a", encoding="utf-8") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _experiment(client: Any, experiment: str, work: Path, embedded: bool) -> tuple[str, Any]:

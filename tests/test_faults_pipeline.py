@@ -328,3 +328,48 @@ def test_two_processes_opening_a_fresh_embedded_store_at_once_both_work(tmp_path
     assert len({out.split()[1] for out, _ in outs}) == 1, "one experiment, not two"
     tr = setup_tracking("llm-pipeline", tmp_path / "wd")  # the store is usable afterwards
     assert len(tr.client.search_runs([tr.experiment_id])) == 2
+
+
+@pytest.mark.slow
+def test_two_pipelines_with_the_same_config_at_once_compute_each_stage_once(tmp_path: Path) -> None:
+    """Two runs of one config against one work dir and store, started together: every stage runs once (the other
+    run waits on the stage's lock, then reuses it), one registered model version, both succeed."""
+    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: F401 - imported once here: lazy imports race in threads
+
+    from flows.pipeline import run_pipeline
+
+    def plain_flow(spec):  # the stage flows without Prefect: each thread is one `llm-pipeline run`
+        def call(config, pipeline, force, upstream, parent_run_id):
+            return run_stage(spec, config, pipeline, upstream=upstream, parent_run_id=parent_run_id,
+                             force=force).to_dict()
+        return call
+
+    from flows.config import build_config_model
+
+    cfg = build_config_model(SPECS).model_validate(
+        {"pipeline": {"work_dir": str(ff.work_dir(tmp_path)), "system_metrics": False, "registered_model": "m10"},
+         **{s.name: {"steps": 5, "step_sleep_s": 0.05} for s in SPECS}})
+    flows_ = {s.name: plain_flow(s) for s in SPECS}
+    results: list[dict] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def one_run() -> None:
+        start.wait()
+        try:
+            results.append(run_pipeline(cfg, flows_, SPECS))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one_run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert len(results) == 2
+    assert sorted(ff.CALLS) == sorted(s.name for s in SPECS), "each stage computed once"
+    a, b = ([s["run_id"] for s in r["stages"]] for r in results)
+    assert a == b, "the second run reuses the first one's stage runs"
+    tr = setup_tracking(cfg.pipeline.experiment, cfg.pipeline.work_dir)
+    assert len(tr.client.search_model_versions("name='m10'")) == 1

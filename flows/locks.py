@@ -1,0 +1,28 @@
+"""Advisory file locks shared by every process on one machine (the work dir's `locks/` folder and the store's).
+
+The OS drops a lock when its process dies, so a killed run never leaves one behind. Across machines that share a
+work dir through a network file system these locks may not hold; there, Prefect's concurrency limits apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing), waiting for other holders."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
