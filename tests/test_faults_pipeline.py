@@ -331,11 +331,13 @@ def test_two_processes_opening_a_fresh_embedded_store_at_once_both_work(tmp_path
 
 
 @pytest.mark.slow
-def test_two_pipelines_with_the_same_config_at_once_compute_each_stage_once(tmp_path: Path) -> None:
-    """Two runs of one config against one work dir and store, started together: every stage runs once (the other
-    run waits on the stage's lock, then reuses it), one registered model version, both succeed."""
+@pytest.mark.parametrize("pretrain_values", [(1, 1), (1, 2)], ids=["same-config", "different-pretraining"])
+def test_two_pipelines_at_once_compute_each_shared_stage_once(tmp_path: Path, pretrain_values) -> None:
+    """Two runs against one work dir and store, started together: every stage they share runs once (the other run
+    waits on the stage's lock, then reuses it), one registered version per distinct model, both succeed."""
     from transformers import GPT2Config, GPT2LMHeadModel  # noqa: F401 - imported once here: lazy imports race in threads
 
+    from flows.config import build_config_model
     from flows.pipeline import run_pipeline
 
     def plain_flow(spec):  # the stage flows without Prefect: each thread is one `llm-pipeline run`
@@ -344,32 +346,35 @@ def test_two_pipelines_with_the_same_config_at_once_compute_each_stage_once(tmp_
                              force=force).to_dict()
         return call
 
-    from flows.config import build_config_model
-
-    cfg = build_config_model(SPECS).model_validate(
-        {"pipeline": {"work_dir": str(ff.work_dir(tmp_path)), "system_metrics": False, "registered_model": "m10"},
-         **{s.name: {"steps": 5, "step_sleep_s": 0.05} for s in SPECS}})
+    work = str(ff.work_dir(tmp_path))
+    cfgs = [build_config_model(SPECS).model_validate(
+        {"pipeline": {"work_dir": work, "system_metrics": False, "registered_model": "m10"},
+         **{s.name: {"steps": 5, "step_sleep_s": 0.05} for s in SPECS},
+         "pretrain": {"steps": 5, "step_sleep_s": 0.05, "value": v}}) for v in pretrain_values]
     flows_ = {s.name: plain_flow(s) for s in SPECS}
     results: list[dict] = []
     errors: list[BaseException] = []
     start = threading.Barrier(2)
 
-    def one_run() -> None:
+    def one_run(cfg) -> None:
         start.wait()
         try:
             results.append(run_pipeline(cfg, flows_, SPECS))
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 
-    threads = [threading.Thread(target=one_run) for _ in range(2)]
+    threads = [threading.Thread(target=one_run, args=(c,)) for c in cfgs]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=600)
     assert not errors, errors
     assert len(results) == 2
-    assert sorted(ff.CALLS) == sorted(s.name for s in SPECS), "each stage computed once"
-    a, b = ([s["run_id"] for s in r["stages"]] for r in results)
-    assert a == b, "the second run reuses the first one's stage runs"
-    tr = setup_tracking(cfg.pipeline.experiment, cfg.pipeline.work_dir)
-    assert len(tr.client.search_model_versions("name='m10'")) == 1
+    distinct = len(set(pretrain_values))
+    shared = {"ingest", "tokenizer"} if distinct == 2 else {s.name for s in SPECS}
+    expected = sorted([s.name for s in SPECS] + [s.name for s in SPECS if s.name not in shared])
+    assert sorted(ff.CALLS) == expected, "each shared stage computed once, each other stage once per run"
+    a, b = ({s["stage"]: s["run_id"] for s in r["stages"]} for r in results)
+    assert {k for k in a if a[k] == b[k]} == shared, "the runs share exactly the shared stages' runs"
+    tr = setup_tracking(cfgs[0].pipeline.experiment, work)
+    assert len(tr.client.search_model_versions("name='m10'")) == distinct
