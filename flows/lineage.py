@@ -215,4 +215,11 @@ def log_inputs(tracking: Tracking, run_id: str, refs: Sequence[InputRef], local:
         )
         datasets.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", ref.name)]))
     if datasets:
-        tracking.client.log_inputs(run_id, datasets=datasets)
+        try:
+            tracking.client.log_inputs(run_id, datasets=datasets)
+        except Exception as e:
+            if "UNIQUE constraint" not in str(e) and "IntegrityError" not in str(e):
+                raise
+            # another stage run logged the same dataset to the experiment at the same moment: it exists now, and
+            # the second call links it to this run
+            tracking.client.log_inputs(run_id, datasets=datasets)

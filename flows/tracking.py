@@ -153,8 +153,12 @@ def setup_tracking(experiment: str, work_dir: str | Path, offline: bool = False)
     with file_lock(work / "mlflow.db.lock") if embedded else contextlib.nullcontext():
         client = mlflow.MlflowClient(tracking_uri=uri)
         exp_id, exp = _experiment(client, experiment, work, embedded)
-    if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            try:
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            except Exception:  # another process (on a shared server) set it at the same moment
+                if client.get_experiment(exp_id).tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                    raise
     mlflow.set_experiment(experiment_id=exp_id)
     return Tracking(uri=uri, experiment_id=exp_id, experiment_name=experiment, embedded=embedded, client=client)
 
