@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flows.locks import file_lock
+from flows.locks import file_lock, try_lock
 from stages.common import StageError, TransientError
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class MlflowTracker:
             self._spill = open(self.spill_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
             # held while this process lives (the OS drops it when the process dies): a spill file nobody holds is
             # an orphan that `replay_orphaned_spills` may deliver
-            _try_lock(self._spill)
+            try_lock(self._spill)
         self._thread = threading.Thread(target=self._loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -355,19 +355,6 @@ class MlflowTracker:
                 self.spill_path.unlink()
 
 
-def _try_lock(f: Any) -> bool:
-    """Take an exclusive lock on an open file without waiting; False when another process holds one."""
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks on this platform: treat every spill file as held
-        return False
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
-
-
 def replay_spill(client: Any, run_id: str, spill_path: str | Path) -> int:
     """Upload the metrics a dead process left in its spill file; returns how many were sent.
 
@@ -400,7 +387,7 @@ def replay_orphaned_spills(client: Any, spill_dir: str | Path) -> dict[str, int]
     for path in sorted(Path(spill_dir).glob("*.jsonl")) if Path(spill_dir).is_dir() else []:
         run_id = path.stem
         with open(path, encoding="utf-8") as f:
-            if not _try_lock(f) or not path.exists():
+            if not try_lock(f) or not path.exists():
                 continue  # its process is alive and still delivering, or another replay took it
             try:
                 run = client.get_run(run_id)
