@@ -1,10 +1,13 @@
 """The docker files agree with the CLI: compose commands, ports and auth match `llm-pipeline up`/`serve` and their
-defaults (docker itself cannot run here). Run: .venv/bin/pytest tests/test_docker.py"""
+defaults, the servers run from the official images at the installed versions, and nothing long-running is root
+(docker itself cannot run here). Run: .venv/bin/pytest tests/test_docker.py"""
 
 from __future__ import annotations
 
 import re
+import shlex
 import tomllib
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -52,8 +55,43 @@ def _published(service: dict) -> list[tuple[str, int, int]]:
     return out
 
 
+def _volume_mounts(service: dict) -> dict[str, str]:
+    """Named-volume mounts of a service, by container path (bind mounts of `./file` or `/path` left out)."""
+    out = {}
+    for v in service.get("volumes", []):
+        src, dst = str(v).split(":")[:2]
+        if not src.startswith((".", "/")):
+            out[dst] = src
+    return out
+
+
+def _python_minor() -> str:
+    """The Python the worker image runs (`python3.11 -m venv` in the Dockerfile): the servers use the same."""
+    return re.search(r"\bpython(3\.\d+) -m venv\b", (DOCKER / "Dockerfile").read_text())[1]
+
+
+def _pins() -> dict[str, str]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return dict(d.split("==", 1) for d in deps if "==" in d)
+
+
 def test_services_present(compose):
     assert {"postgres", "prefect-server", "mlflow", "worker"} <= set(compose["services"])
+
+
+def test_servers_use_official_images_at_installed_versions(compose):
+    services = compose["services"]
+    prefect_version, mlflow_version = version("prefect"), version("mlflow")
+    # A bump of either package (pyproject.toml and the environment) must bump the server image as well.
+    assert (_pins()["prefect"], _pins()["mlflow"]) == (prefect_version, mlflow_version)
+    prefect_tag = f"{prefect_version}-python{_python_minor()}"
+    assert services["prefect-server"]["image"] == f"prefecthq/prefect:{prefect_tag}"
+    # `-full`: the plain tag has neither psycopg2 (the Postgres backend) nor Flask-WTF (the basic-auth app).
+    assert services["mlflow"]["image"] == f"ghcr.io/mlflow/mlflow:v{mlflow_version}-full"
+    for name in ("prefect-server", "mlflow"):
+        assert "build" not in services[name], f"{name} must run the official image, not a local build"
+    worker = services["worker"]
+    assert worker["build"]["dockerfile"] == "docker/Dockerfile" and worker["build"]["context"] == ".."
 
 
 def test_prefect_server_command_matches_up(compose):
@@ -63,7 +101,9 @@ def test_prefect_server_command_matches_up(compose):
     env = svc["environment"]
     assert env["PREFECT_UI_API_URL"] == f"http://localhost:{supervisor.DEFAULT_PREFECT_PORT}/api"
     assert env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
-    assert "PREFECT_SERVER_API_AUTH_STRING" in env
+    assert env["PREFECT_API_DATABASE_CONNECTION_URL"].endswith("@postgres:5432/prefect")
+    assert env["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
 
 
 def test_mlflow_command_matches_up(compose):
@@ -91,9 +131,14 @@ def test_mlflow_command_matches_up(compose):
     assert "mlflow:5000" in allowed and "localhost:*" in allowed
     artifacts_volume = [v for v in svc["volumes"] if str(v).endswith(":" + got["--artifacts-destination"])]
     assert artifacts_volume, "the artifact store must live on a volume"
-    assert svc["environment"]["MLFLOW_AUTH_CONFIG_PATH"].startswith("/etc/mlflow/")
-    assert "${MLFLOW_ADMIN_PASSWORD" in svc["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"]
-    assert "${MLFLOW_SECRET_KEY" in svc["environment"]["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    env = svc["environment"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"].startswith("/etc/mlflow/")
+    assert f"./mlflow-auth.ini:{env['MLFLOW_AUTH_CONFIG_PATH']}:ro" in svc["volumes"]
+    assert "${MLFLOW_ADMIN_PASSWORD" in env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    assert "${MLFLOW_SECRET_KEY" in env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    # As `up` runs it (flows.supervisor._server_envs): no job runner, no telemetry.
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert env["MLFLOW_ENABLE_TELEMETRY"] == "false"
 
 
 def test_published_ports_are_loopback_and_default(compose):
@@ -143,6 +188,68 @@ def test_postgres_has_a_database_per_server(compose):
     assert svc["environment"]["POSTGRES_DB"] == "prefect"
     init = [v for v in svc["volumes"] if "docker-entrypoint-initdb.d" in v][0].split(":")[0]
     assert "CREATE DATABASE mlflow" in (DOCKER / init).read_text()
+
+
+def _is_root(user: object) -> bool:
+    return str(user).split(":")[0] in ("root", "0")
+
+
+def test_no_long_running_service_runs_as_root(compose):
+    services = compose["services"]
+    dockerfile_user = re.findall(r"^USER (\S+)", (DOCKER / "Dockerfile").read_text(), re.M)[-1]
+    # A one-shot container that the others wait for to exit; the only one is checked in the next test.
+    one_shot = {
+        dep
+        for svc in services.values()
+        for dep, cond in (svc.get("depends_on") or {}).items()
+        if cond.get("condition") == "service_completed_successfully"
+    }
+    assert one_shot == {"volume-init"}
+    for name, svc in services.items():
+        if name in one_shot:
+            continue
+        if "user" in svc:
+            assert not _is_root(svc["user"]), f"{name} runs as root"
+        else:
+            # Only the image built here may rely on its own USER (the official images define none).
+            assert svc.get("build", {}).get("dockerfile") == "docker/Dockerfile", f"{name} has no user:"
+            assert not _is_root(dockerfile_user), f"{name}'s image runs as root"
+    assert services["prefect-server"]["user"] == services["mlflow"]["user"]
+    assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", services["mlflow"]["user"]), "a numeric uid:gid, not root"
+
+
+def test_server_volumes_are_handed_to_the_server_user_before_start(compose):
+    services = compose["services"]
+    init = services["volume-init"]
+    # The one container that runs as root: it only chowns, without network or any other capability, and exits.
+    assert init.get("restart") == "no" and init.get("network_mode") == "none"
+    assert init.get("cap_drop") == ["ALL"] and init.get("cap_add") == ["CHOWN"]
+    assert init["image"] == services["mlflow"]["image"], "no extra image to pull"
+    assert init["command"][:2] == ["sh", "-c"]
+    script = init["command"][2]
+    user = services["mlflow"]["user"]
+    assert f"= {user} ]" in script and f"chown -R {user} " in script
+    chowned = set(shlex.split(script.split(";")[0])[3:])  # `for d in A B C`
+    assert chowned == set(_volume_mounts(init)), "the script and the mounts name the same paths"
+    init_volumes = set(_volume_mounts(init).values())
+    for name in ("prefect-server", "mlflow"):
+        svc = services[name]
+        assert svc["depends_on"]["volume-init"]["condition"] == "service_completed_successfully"
+        for path, vol in _volume_mounts(svc).items():
+            assert vol in init_volumes and _volume_mounts(init)[path] == vol, f"{name}: {vol} is not chowned"
+        assert svc["environment"]["HOME"] == "/tmp", "uid without a passwd entry: HOME would be /"
+    # Prefect writes its home and the UI it serves (by default into its own, root-owned package directory).
+    prefect = services["prefect-server"]
+    home = prefect["environment"]["PREFECT_HOME"]
+    assert home in _volume_mounts(prefect)
+    assert prefect["environment"]["PREFECT_SERVER_UI_STATIC_DIRECTORY"].startswith(home + "/")
+    # MLflow writes the artifact store and the auth app's user database.
+    mlflow = services["mlflow"]
+    artifacts = _flags([str(c) for c in mlflow["command"]])["--artifacts-destination"]
+    ini = (DOCKER / "mlflow-auth.ini").read_text()
+    auth_db = re.search(r"^database_uri = sqlite:///(/\S+)$", ini, re.M)[1]
+    assert artifacts in _volume_mounts(mlflow)
+    assert str(Path(auth_db).parent) in _volume_mounts(mlflow)
 
 
 def test_dockerfile_installs_the_pinned_project():
