@@ -4,6 +4,8 @@ references, the finished run with a given cache key, and fetching (verified) art
 from __future__ import annotations
 
 import json
+import logging
+import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,9 @@ TAG_PIPELINE = "llm.pipeline"  # "true" on a pipeline (parent) run
 TAG_PIPELINE_RUN = "llm.pipeline_run_id"
 TAG_OUTPUTS = "llm.outputs"
 PARENT_TAG = "mlflow.parentRunId"
+TAG_DAMAGED = "llm.artifacts_damaged"  # on a finished run whose stored outputs no longer match what it recorded
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,24 +48,89 @@ def get_run(tracking: Tracking, run_id: str) -> Any:
         raise StageError(f"MLflow run {run_id} not found at {tracking.uri}; check the id (--from-run)") from e
 
 
-def _latest_finished(tracking: Tracking, tags: Mapping[str, str]) -> Any | None:
-    """The most recently started FINISHED run carrying all of `tags`."""
+def _finished(tracking: Tracking, tags: Mapping[str, str], limit: int) -> list[Any]:
+    """Up to `limit` FINISHED runs carrying all of `tags`, most recently started first."""
     where = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-    runs = tracking.client.search_runs(
+    return list(tracking.client.search_runs(
         [tracking.experiment_id],
         filter_string=" and ".join([*where, "attributes.status = 'FINISHED'"]),
         order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
+        max_results=limit,
+    ))  # fmt: skip
 
 
 def latest_run(tracking: Tracking, stage: str) -> Any | None:
-    return _latest_finished(tracking, {TAG_STAGE: stage})
+    runs = _finished(tracking, {TAG_STAGE: stage}, 1)
+    return runs[0] if runs else None
 
 
 def find_cached(tracking: Tracking, stage: str, key: str) -> Any | None:
-    return _latest_finished(tracking, {TAG_STAGE: stage, TAG_CACHE_KEY: key})
+    """The newest FINISHED run of `stage` with cache key `key` whose outputs are all in the artifact store, as many
+    files and bytes as it recorded. A run whose stored outputs went missing or changed size since is passed over
+    (and tagged), so the stage computes again instead of handing a broken run downstream."""
+    for run in _finished(tracking, {TAG_STAGE: stage, TAG_CACHE_KEY: key}, 10):
+        rid = run.info.run_id
+        problem = call_with_retry(lambda r=run: artifact_problem(tracking, r), f"check artifacts of run {rid}", 120)
+        if problem is None:
+            return run
+        log.warning("stage %s: not reusing finished run %s: %s", stage, rid, problem)
+        if run.data.tags.get(TAG_DAMAGED) != problem:
+            try:  # shown in the MLflow UI: why the run is no longer reused
+                tracking.client.set_tag(rid, TAG_DAMAGED, problem)
+            except Exception as e:
+                log.warning("could not tag run %s as damaged: %s", rid, e)
+    return None
+
+
+def tree_size(path: Path) -> tuple[int, int]:
+    """(files, bytes) of a file or folder, over the same files `sha256_tree` hashes."""
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return len(files), sum(f.stat().st_size for f in files)
+
+
+def size_tags(output: str, files: int, nbytes: int) -> dict[str, str]:
+    return {f"llm.output.{output}.files": str(files), f"llm.output.{output}.bytes": str(nbytes)}
+
+
+def _stored_files(tracking: Tracking, run_id: str, artifact: str) -> dict[str, int | None]:
+    """Artifact path -> size (None where the store does not say) of each file of `artifact` (a file or a folder)
+    in the run's artifact store."""
+    found: dict[str, int | None] = {}
+    todo: list[str | None] = [posixpath.dirname(artifact) or None]
+    while todo:
+        for f in tracking.client.list_artifacts(run_id, todo.pop()):
+            if f.path != artifact and not f.path.startswith(artifact + "/"):
+                continue
+            if f.is_dir:
+                todo.append(f.path)
+            else:
+                found[f.path] = None if f.file_size is None else int(f.file_size)
+    return found
+
+
+def artifact_problem(tracking: Tracking, run: Any) -> str | None:
+    """What is wrong with a finished run's stored outputs (missing, or not the file count and bytes it recorded),
+    or None. Costs one listing per folder; contents are checked against the sha256 when a stage downloads them.
+    Runs from before the counts were recorded are only checked for presence."""
+    tags = run.data.tags
+    for out in [o for o in tags.get(TAG_OUTPUTS, "").split(",") if o]:
+        art = tags.get(f"llm.output.{out}.artifact", "")
+        try:
+            art = safe_artifact_path(art, f"output '{out}'")
+        except StageError as e:  # a tampered tag: never followed, and never reused
+            return str(e)
+        stored = _stored_files(tracking, run.info.run_id, art)
+        files, nbytes = tags.get(f"llm.output.{out}.files"), tags.get(f"llm.output.{out}.bytes")
+        if not stored and files != "0":  # an empty output folder leaves nothing in the store
+            return f"output '{out}' ({art}) is missing from the artifact store"
+        sizes = [n for n in stored.values() if n is not None]
+        got = str(sum(sizes)) if len(sizes) == len(stored) else nbytes  # a store that lists no sizes: count only
+        if files is not None and (str(len(stored)), got) != (files, nbytes):
+            return (
+                f"output '{out}' ({art}) holds {len(stored)} files, {got} bytes in the artifact store; the run "
+                f"recorded {files} files, {nbytes} bytes"
+            )
+    return None
 
 
 def _chosen_runs(tracking: Tracking, from_run: Sequence[str], chosen: dict[str, str]) -> None:

@@ -3,7 +3,8 @@
 What `run_stage` does, in order:
 1. finds its upstream runs (given ids, a pipeline run id, lineage of a given run, or the latest finished run),
 2. computes the cache key = hash(stage config, upstream output content hashes, code version); a finished run
-   with that key is reused unless `force`,
+   with that key whose outputs are still whole in the artifact store (`flows.lineage.find_cached`) is reused
+   unless `force`,
 3. downloads the upstream artifacts (verified against their recorded sha256) into the work dir,
 4. opens an MLflow child run tagged `llm.stage=<name>`, logs params, inputs, lineage and system metrics,
 5. calls `stages.<name>.run(cfg, inputs, out_dir, tracker)`, then logs metrics, artifacts, samples and plots.
@@ -37,8 +38,10 @@ from flows.lineage import (
     input_refs,
     log_inputs,
     resolve_upstream,
+    size_tags,
+    tree_size,
 )
-from flows.locks import file_lock
+from flows.locks import stage_lock
 from flows.paths import SAFE_NAME, check_inside, check_run_id
 from flows.specs import PipelineSection, StageSpec
 from flows.tracking import (
@@ -240,8 +243,9 @@ def _record_result(nr: _NewRun, result: StageResult) -> tuple[dict[str, float], 
     metrics = {k: float(v) for k, v in result.metrics.items()}
     if metrics:
         nr.tracker.log_metrics(metrics)
-    nr.tracker.close(timeout=wait_s)
+    nr.tracker.close(timeout=wait_s, hold=True)  # the held spill file marks the run alive until it has ended
     hashes = {n: sha256_tree(p) for n, p in outs.items()}
+    sizes = {n: tree_size(p) for n, p in outs.items()}
     arts = log_outputs(nr.tracking, run_id, outs, wait_s)
     if result.samples:
         import pandas as pd
@@ -255,6 +259,7 @@ def _record_result(nr: _NewRun, result: StageResult) -> tuple[dict[str, float], 
     for n in arts:
         out_tags[f"llm.output.{n}.artifact"] = arts[n]
         out_tags[f"llm.output.{n}.sha256"] = hashes[n]
+        out_tags.update(size_tags(n, *sizes[n]))
 
     def finish() -> None:
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in out_tags.items()])
@@ -262,13 +267,16 @@ def _record_result(nr: _NewRun, result: StageResult) -> tuple[dict[str, float], 
 
     nr.stop_monitor()
     call_with_retry(finish, "finish run", wait_s)
+    nr.tracker.release()
     return metrics, arts, hashes
 
 
 def _mark_failed(nr: _NewRun, e: BaseException) -> None:
     nr.stop_monitor()
+    delivered = False
     try:
-        nr.tracker.close(timeout=5)
+        nr.tracker.close(timeout=5, hold=True)
+        delivered = True
     except Exception:
         log.warning("stage %s: metrics not delivered; they stay in %s", nr.stage, nr.tracker.spill_path)
     try:
@@ -276,6 +284,9 @@ def _mark_failed(nr: _NewRun, e: BaseException) -> None:
         nr.tracking.client.set_terminated(nr.run_id, "FAILED")
     except Exception:
         log.warning("stage %s: could not mark run %s as failed", nr.stage, nr.run_id)
+        return  # the spill file stays: once this process is gone, the next stage run ends the run FAILED
+    if delivered:
+        nr.tracker.release()
 
 
 def run_stage(
@@ -306,7 +317,7 @@ def run_stage(
     force = force or pipeline.force
     if hit is None or force:
         # one process per cache key computes the stage; another run of the same key waits here, then reuses it
-        with file_lock(work_dir / "locks" / f"{spec.name}-{key[:32]}.lock"):
+        with stage_lock(work_dir, spec.name, key):
             if not force:
                 hit, runs, refs, key = find_reusable(spec, cfg, tracking, from_run=from_run, upstream=upstream)
             if hit is None or force:

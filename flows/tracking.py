@@ -342,12 +342,26 @@ class MlflowTracker:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Stop the background thread and deliver what is left (see `flush`). The spill file goes once delivered."""
+    def close(self, timeout: float = 60.0, hold: bool = False) -> None:
+        """Stop the background thread and deliver what is left (see `flush`). The spill file goes once delivered.
+
+        `hold` keeps the spill file, emptied, open and locked until `release()`: the run still reads as alive to
+        `replay_orphaned_spills`, so a process killed after its metrics were delivered (while its artifacts
+        upload) still has its run ended FAILED by the next stage run instead of left RUNNING forever.
+        """
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=max(timeout, 1.0))
         self.flush(timeout)
+        if hold and self._spill:
+            with self._lock:
+                self._spill.truncate(0)  # everything in it was delivered; a replay must not send it again
+                self._spill.flush()
+            return
+        self.release()
+
+    def release(self) -> None:
+        """Close and remove the spill file (call once its run has ended)."""
         if self._spill:
             self._spill.close()
             self._spill = None
@@ -397,6 +411,6 @@ def replay_orphaned_spills(client: Any, spill_dir: str | Path) -> dict[str, int]
             done[run_id] = replay_spill(client, run_id, path)
             if run.info.status in ("RUNNING", "SCHEDULED"):
                 client.set_terminated(run_id, "FAILED")
-                client.set_tag(run_id, "llm.error", "its process ended without finishing (metrics replayed later)")
+                client.set_tag(run_id, "llm.error", "its process ended before the run finished (metrics replayed later)")
         log.info("replayed %d metrics into MLflow run %s, left behind by a process that ended", done[run_id], run_id)
     return done

@@ -1,4 +1,5 @@
-"""Pipeline-level faults (issue 7 items 7, 8, 9 and path traversal) on fake stages. Run: .venv/bin/pytest tests/test_faults_pipeline.py"""
+"""Pipeline-level faults (issue 7 items 7, 8, 9, path traversal, damaged or partial uploads) on fake stages, and
+the real ingest stage killed mid-upload. Run: .venv/bin/pytest tests/test_faults_pipeline.py"""
 
 from __future__ import annotations
 
@@ -245,6 +246,24 @@ def test_corrupted_artifact_is_detected_by_hash(tmp_path: Path) -> None:
     assert not (wd / "inputs" / ing.run_id / "corpus").exists(), "a corrupt download is not kept"
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_finished_run_whose_stored_outputs_were_damaged_is_not_reused(tmp_path: Path, damage: str) -> None:
+    wd = ff.work_dir(tmp_path)
+    sec = ff.section(wd)
+    first = run_stage(BY_NAME["ingest"], ff.FakeConfig(), sec)
+    stored = next((wd / "mlartifacts").rglob("corpus/data.txt"))
+    stored.unlink() if damage == "deleted" else stored.write_text(stored.read_text()[:5])
+    second = run_stage(BY_NAME["ingest"], ff.FakeConfig(), sec)
+    assert ff.CALLS == ["ingest", "ingest"] and not second.reused and second.run_id != first.run_id
+    assert second.output_hashes == first.output_hashes
+    tr = setup_tracking(sec.experiment, wd)
+    assert "output 'corpus'" in tr.client.get_run(first.run_id).data.tags["llm.artifacts_damaged"]
+    for name, art in second.outputs.items():
+        fetch_artifact(tr, second.run_id, art, second.output_hashes[name], tmp_path / "check")
+    assert run_stage(BY_NAME["ingest"], ff.FakeConfig(), sec).run_id == second.run_id, "the intact run is reused"
+    assert run_stage(BY_NAME["tokenizer"], ff.FakeConfig(), sec).upstream == {"ingest": second.run_id}
+
+
 
 _KILLED_STAGE = """
 import pathlib, sys, time
@@ -378,3 +397,87 @@ def test_two_pipelines_at_once_compute_each_shared_stage_once(tmp_path: Path, pr
     assert {k for k in a if a[k] == b[k]} == shared, "the runs share exactly the shared stages' runs"
     tr = setup_tracking(cfgs[0].pipeline.experiment, work)
     assert len(tr.client.search_model_versions("name='m10'")) == distinct
+
+
+# ---------------------------------------------------------------------------------------- kill during artifact upload
+
+_UPLOAD_KILLED = """
+import pathlib, sys, time
+from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+import test_faults_pipeline as t
+
+outputs = pathlib.Path(sys.argv[1]) / "stages"
+
+def pausing(log_artifact):
+    def log_one(self, local_file, artifact_path=None):
+        log_artifact(self, local_file, artifact_path)
+        if pathlib.Path(local_file).is_relative_to(outputs):  # one file of the stage's outputs is in the store
+            print("kill me", flush=True)
+            time.sleep(600)
+    return log_one
+
+for repo in (LocalArtifactRepository, HttpArtifactRepository):
+    repo.log_artifact = pausing(repo.log_artifact)
+# the local store copies a whole folder in one call; file by file (as MLflow's HTTP client does), a kill can fall
+# between two files of one output
+LocalArtifactRepository.log_artifacts = HttpArtifactRepository.log_artifacts
+t.run_smoke_ingest(pathlib.Path(sys.argv[1]))
+"""
+
+
+def run_smoke_ingest(work: Path):
+    """The real `ingest` stage with configs/smoke.yaml's settings, in `work`."""
+    import yaml
+
+    from flows.specs import STAGES, PipelineSection
+    from stages.ingest import Config
+
+    smoke = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    sec = PipelineSection(**{**smoke["pipeline"], "work_dir": str(work), "system_metrics": False})
+    return run_stage(STAGES[0], Config.model_validate(smoke["ingest"]), sec)
+
+
+def _stored_files(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += _stored_files(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+@pytest.mark.parametrize("store", ["embedded", pytest.param("server", marks=pytest.mark.slow)])
+def test_stage_killed_mid_upload_is_never_reused_and_rerun_uploads_everything(tmp_path: Path, monkeypatch,
+                                                                               store: str) -> None:
+    work = ff.work_dir(tmp_path)
+    srv = MlflowServer(tmp_path) if store == "server" else None
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    if srv:
+        srv.start()
+        env["MLFLOW_TRACKING_URI"] = srv.uri
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
+    child = subprocess.Popen([sys.executable, "-c", _UPLOAD_KILLED, str(work)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "kill me"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        tr = setup_tracking("llm-pipeline-smoke", work)
+        (killed,) = tr.client.search_runs([tr.experiment_id])
+        partial = _stored_files(tr.client, killed.info.run_id)
+        local = [p for p in (work / "stages" / "ingest").rglob("*") if p.is_file()]
+        assert 1 <= len([p for p in partial if p != "config.json"]) < len(local), "killed between two output files"
+        spill = work / "tracking" / f"{killed.info.run_id}.jsonl"
+        assert killed.info.status == "RUNNING" and spill.exists(), "the dead process left its run and spill file"
+
+        out = run_smoke_ingest(work)
+        assert not out.reused and out.run_id != killed.info.run_id
+        for name, art in out.outputs.items():  # downloaded in full and checked against the recorded sha256
+            fetch_artifact(tr, out.run_id, art, out.output_hashes[name], tmp_path / "check")
+        assert tr.client.get_run(killed.info.run_id).info.status == "FAILED", "the killed run ends FAILED"
+        assert not spill.exists()
+        again = run_smoke_ingest(work)
+        assert again.reused and again.run_id == out.run_id
+    finally:
+        child.kill()
+        if srv:
+            srv.stop()
