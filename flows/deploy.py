@@ -16,6 +16,11 @@ CLIENT_VARS = (
     "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
 )  # fmt: skip
+# Prefect's client retries a failed request 5 times, 2..32 s apart (about a minute); the runner's poll loop stops
+# `serve` after three such failures in a row (killing the flow runs it executes), and a flow run fails on its first
+# call that runs out of retries. Two more retries (64 s, 128 s) carry `serve` and its flow runs through a Prefect
+# server outage of about four minutes (a server that `up` or compose starts again takes well under one).
+CLIENT_MAX_RETRIES = 7
 
 
 def resolve_server_env(work_dir: Path = DEFAULT_WORK_DIR) -> dict[str, str]:
@@ -116,6 +121,9 @@ def serve(
     from prefect.settings import temporary_settings
 
     updates: dict[str, Any] = {"api.url": api}
+    if not os.environ.get("PREFECT_CLIENT_MAX_RETRIES"):
+        # Through the settings, the flow-run processes `serve` starts get it too.
+        updates["client.max_retries"] = CLIENT_MAX_RETRIES
     if env.get("PREFECT_API_AUTH_STRING"):
         updates["api.auth_string"] = env["PREFECT_API_AUTH_STRING"]
 
@@ -137,9 +145,33 @@ def serve(
         file=out,
         flush=True,
     )
-    with temporary_settings(updates=updates):
-        prefect_serve(*deployments, limit=limit, print_starting_message=False)
+    try:
+        with temporary_settings(updates=updates):
+            prefect_serve(*deployments, limit=limit, print_starting_message=False)
+    except Exception as e:
+        cause = _lost_server(e)
+        if cause is None:
+            raise
+        # Prefect's own ending is a nest of task-group tracebacks; say what happened and what to do instead.
+        raise ServerError(
+            f"lost the Prefect server at {api}: it did not answer for minutes, so Prefect's runner gave up "
+            f"({type(cause).__name__}: {cause}). The flow runs this process executed were stopped with it and may "
+            "still show as Running in the UI. Once the server is back (`llm-pipeline up`), start `llm-pipeline "
+            "serve` again and rerun them: stages that finished are reused."
+        ) from None
     return 0
+
+
+def _lost_server(e: BaseException) -> BaseException | None:
+    """The error in what Prefect's runner raises when it gives up on an unreachable server (its poll loop's
+    "Service exceeded error threshold", or the connection error of pausing the deployments on the way out)."""
+    import httpx
+
+    if isinstance(e, BaseExceptionGroup):
+        return next((c for sub in e.exceptions if (c := _lost_server(sub)) is not None), None)
+    if isinstance(e, httpx.TransportError) or (isinstance(e, RuntimeError) and "error threshold" in str(e)):
+        return e
+    return None
 
 
 def deployment_name(config: Path | None) -> str:

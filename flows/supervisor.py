@@ -1,5 +1,6 @@
 """`llm-pipeline up` / `down`: a Prefect server and an MLflow server with local storage, supervised until Ctrl-C
-(or left running with --detach and stopped by `down`).
+(or left running with --detach and stopped by `down`). A server that dies meanwhile is started again on the same
+port and storage, so clients (`serve`, running stages) retry through the gap instead of losing both servers.
 
 Both servers bind to 127.0.0.1 unless `--host` says otherwise; exposing them turns on authentication
 (Prefect's basic auth string and MLflow's basic-auth app) with generated credentials kept in the work dir.
@@ -35,6 +36,9 @@ DEFAULT_WORK_DIR = Path(".llm-pipeline")
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 STATE_FILE = "servers.json"
+# A server that dies this often within the window is crash-looping (bad config, full disk): `up` stops instead.
+RESTART_LIMIT = 3
+RESTART_WINDOW_S = 600.0
 
 
 class ServerError(Exception):
@@ -309,25 +313,53 @@ def _start_and_record(
     wait_healthy(servers, timeout_s)
     env_sh = work_dir / "servers" / "env.sh"
     write_private(env_sh, "".join(f"export {k}={v}\n" for k, v in client_env.items()))
+    _record(servers, work_dir, ep, client_env)
+    return env_sh
+
+
+def _record(servers: list[Server], work_dir: Path, ep: Endpoints, client_env: dict[str, str]) -> None:
     state = {
         **asdict(ep),
         "pids": {s.name: s.proc.pid for s in servers if s.proc},
         "env": client_env,  # the file is owner-readable only: it may hold the client credentials
     }
     write_private(_state_path(work_dir), json.dumps(state, indent=2) + "\n")
-    return env_sh
 
 
-def _watch(servers: list[Server]) -> NoReturn:
-    """Block until interrupted; a server that stops meanwhile is an error that shows its log."""
+def _restart(
+    s: Server, servers: list[Server], work_dir: Path, ep: Endpoints, client_env: dict[str, str], timeout_s: float,
+    history: list[float], out: Any,
+) -> None:  # fmt: skip
+    """Start a server that died again with the same command (port, database); `history` holds its restarts."""
+    assert s.proc is not None
+    code, now = s.proc.returncode, time.monotonic()
+    history[:] = [t for t in history if now - t < RESTART_WINDOW_S]
+    if len(history) >= RESTART_LIMIT:
+        raise ServerError(
+            f"the {s.name} server stopped unexpectedly (exit code {code}) {len(history) + 1} times within "
+            f"{RESTART_WINDOW_S / 60:.0f} minutes; not restarting it again. Its log {s.log} ends with:\n{s.log_tail()}"
+        )
+    history.append(now)
+    print(f"The {s.name} server stopped unexpectedly (exit code {code}); starting it again on the same port and "
+          f"storage (log: {s.log}) ...", file=out, flush=True)  # fmt: skip
+    # Its workers may outlive the main process and keep the port: the whole group goes first.
+    stop_group(s.proc.pid, grace_s=10)
+    s.start(cwd=work_dir)
+    _record(servers, work_dir, ep, client_env)  # `down` and `serve` find the new pid
+    wait_healthy([s], timeout_s)
+    print(f"The {s.name} server is back.", file=out, flush=True)
+
+
+def _watch(
+    servers: list[Server], work_dir: Path, ep: Endpoints, client_env: dict[str, str], timeout_s: float, out: Any
+) -> NoReturn:
+    """Block until interrupted, restarting a server that stops meanwhile (see `_restart`)."""
+    restarts: dict[str, list[float]] = {s.name: [] for s in servers}
     while True:
         for s in servers:
             assert s.proc is not None
             if s.proc.poll() is not None:
-                raise ServerError(
-                    f"the {s.name} server stopped unexpectedly (exit code {s.proc.returncode}); its log "
-                    f"{s.log} ends with:\n{s.log_tail()}"
-                )
+                _restart(s, servers, work_dir, ep, client_env, timeout_s, restarts[s.name], out)
         time.sleep(1.0)
 
 
@@ -384,7 +416,7 @@ def up(
             if detach:
                 leave_running = True
                 return 0
-            _watch(servers)
+            _watch(servers, work_dir, ep, client_env, timeout_s, out)
         except KeyboardInterrupt:
             print("\nStopping the servers ...", file=out, flush=True)
             return 0
