@@ -89,9 +89,9 @@ def _die_with_parent() -> None:
 
 class _TemporaryPrefect:
     """Without PREFECT_API_URL, Prefect would start a temporary local server at the first flow run, after all the
-    imports (~10-20 s on 2 cores, serially). This starts the same server (Prefect's ephemeral-mode app on
-    127.0.0.1, storage in PREFECT_HOME) as a subprocess at once, so it boots while this process imports torch and
-    MLflow; it is stopped at exit."""
+    imports (~10-20 s on 2 cores, serially). This starts one with Prefect's public command (`prefect server start`
+    on 127.0.0.1, a free port, no UI, no scheduler: nothing is scheduled; storage in PREFECT_HOME) as a subprocess
+    at once, so it boots while this process imports torch and MLflow; it is stopped at exit."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
@@ -103,11 +103,10 @@ class _TemporaryPrefect:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
-             "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-            env=env,
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+             "--no-ui", "--no-scheduler", "--no-late-runs", "--analytics-off", "--log-level", "ERROR"],
+            stdout=subprocess.DEVNULL,  # the banner would tell users to configure a server that goes away at exit
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
         )
         self.api = f"http://127.0.0.1:{port}/api"

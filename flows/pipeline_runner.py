@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from flows.lineage import TAG_PIPELINE, fetch_artifact
 from flows.locks import file_lock
-from flows.prefect_ui import pipeline_summary_markdown, publish_pipeline_summary
+from flows.prefect_ui import pipeline_summary_markdown, publish_pipeline_summary, record_cached_stage
 from flows.specs import STAGES, PipelineSection, StageSpec
 from flows.stage_runner import StageOutcome, find_reusable, flatten
 from flows.tracking import Tracking, call_with_retry, experiment_link, run_link, setup_tracking
@@ -133,14 +133,13 @@ def _run_stages(
             if hit is not None:
                 hit.wall_s = time.monotonic() - t
                 log.info("stage %s: unchanged (config, inputs, code); reusing MLflow run %s", spec.name, hit.run_id)
+        params = dict(config=getattr(cfg, spec.name), pipeline=cfg.pipeline, force=force, upstream=upstream,
+                      parent_run_id=pid)  # fmt: skip
         if hit is not None:
             o = hit
+            record_cached_stage(stage_flows[spec.name], o, params)
         else:
-            out = stage_flows[spec.name](
-                config=getattr(cfg, spec.name), pipeline=cfg.pipeline, force=force, upstream=upstream,
-                parent_run_id=pid,
-            )  # fmt: skip
-            o = StageOutcome(**out)
+            o = StageOutcome(**stage_flows[spec.name](**params))
         outcomes.append(o)
         runs[spec.name] = o.run_id
         client.set_tag(pid, f"llm.stage_run.{spec.name}", o.run_id)

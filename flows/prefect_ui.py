@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from functools import cache
+from typing import Any
 
 from flows.specs import DEBUG_ENV
 from flows.stage_runner import StageOutcome
@@ -56,6 +57,47 @@ def publish_prefect_artifacts(out: StageOutcome) -> None:
         create_link_artifact(out.link, link_text=f"MLflow run {out.run_id}", key=f"{key}-mlflow-run")
     if out.samples:
         create_table_artifact(out.samples[:20], key=f"{key}-samples", description=f"{out.stage} sample generations")
+
+
+def _state_message(out: StageOutcome) -> str:
+    if out.reused:
+        return f"reused MLflow run {out.run_id}: config, inputs and code unchanged since it ran"
+    return f"new MLflow run {out.run_id}"
+
+
+def final_state(out: StageOutcome) -> Any:
+    """The state a stage flow run ends in: `Cached` (a completed state) when it reused a finished run, so the UI
+    tells a reuse from a computation, else `Completed`; the message names the MLflow run either way."""
+    from prefect.states import Completed
+
+    return Completed(name="Cached" if out.reused else "Completed", message=_state_message(out), data=out.to_dict())
+
+
+def record_cached_stage(stage_flow: Any, out: StageOutcome, parameters: Mapping[str, Any]) -> None:
+    """Inside the pipeline flow run: a subflow run of `stage_flow` that is created already `Cached`, for a stage
+    the pipeline reused without running its flow (a few API calls instead of a whole flow run), so the run's
+    graph and the stage's run list show the reuse and which MLflow run it reused."""
+    from prefect import Flow, Task
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None or not isinstance(stage_flow, Flow):
+        return
+    state = final_state(out)
+    try:
+        with get_client(sync_client=True) as client:
+            tracking_task = Task(name=stage_flow.name, fn=stage_flow.fn, version=stage_flow.version)
+            parent = client.create_task_run(
+                tracking_task, ctx.flow_run.id, dynamic_key=f"{out.stage}-cached-{out.run_id}",
+                state=state.model_copy(update={"data": None}),
+            )  # fmt: skip
+            client.create_flow_run(
+                stage_flow, parameters=stage_flow.serialize_parameters(dict(parameters)),
+                parent_task_run_id=parent.id, state=state.model_copy(update={"data": None}),
+            )  # fmt: skip
+    except Exception as e:  # a view of the run; never fail the pipeline over it
+        log.warning("could not record the reused %s stage in Prefect: %s", out.stage, e)
 
 
 def key_metrics(stage: str, metrics: Mapping[str, float], limit: int = KEY_METRICS_SHOWN) -> list[str]:

@@ -1,6 +1,9 @@
 """One Prefect flow per stage: `flows.stage_runner.run_stage` in a task retried with backoff for transient errors
 only, plus Prefect artifacts (metrics table, MLflow link, sample generations) on the flow run.
 
+A stage flow run ends `Cached` (a completed state) when the stage reused a finished run, `Completed` otherwise,
+each with the MLflow run in the state's message; calling the flow returns the `StageOutcome` as a dict.
+
 `STAGE_FLOWS` holds the flow of every stage of the pipeline; each is also a module attribute `<stage>_flow`, the
 name deployments load it by (`flows.stage_flow.sft_flow`, or `flows/stage_flow.py:sft_flow`).
 """
@@ -12,7 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from flows.prefect_ui import publish_prefect_artifacts, route_logs_to_prefect
+from flows.prefect_ui import final_state, publish_prefect_artifacts, route_logs_to_prefect
+from flows.progress import prefect_progress
 from flows.specs import STAGES, PipelineSection, StageSpec
 from flows.stage_runner import StageOutcome, run_stage
 from flows.tracking import is_transient
@@ -111,7 +115,8 @@ def make_stage_flow(spec: StageSpec) -> Any:
             retry_delay_seconds=_backoff(pipeline) or 0,
             retry_condition_fn=_retry_if_transient,
         )
-        out = t(config, pipeline, from_run, upstream, parent_run_id, force)
+        with prefect_progress(spec.name):
+            out = t(config, pipeline, from_run, upstream, parent_run_id, force)
         outcome = StageOutcome(**out)
         if outcome.reused:
             log.info("stage %s: nothing changed, reused MLflow run %s", spec.name, outcome.run_id)
@@ -119,7 +124,7 @@ def make_stage_flow(spec: StageSpec) -> Any:
             publish_prefect_artifacts(outcome)
         except Exception as e:  # Prefect artifacts are a view; never fail a finished stage over them
             log.warning("could not create Prefect artifacts: %s", e)
-        return out
+        return final_state(outcome)
 
     # The name deployments load the flow by: this module's attribute `<stage>_flow` (see the bottom of the file).
     stage_flow.__name__ = stage_flow.__qualname__ = f"{spec.name}_flow"

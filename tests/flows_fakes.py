@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
 from flows.specs import PipelineSection, StageSpec
 from stages.common import StageError, StageResult, Tracker, TransientError, atomic_dir, sha256_tree
@@ -61,11 +62,15 @@ def make_stage_module(name: str, outputs: tuple[str, ...], hf: bool = False) -> 
         digest = hashlib.sha256(f"{name}:{cfg.value}".encode())
         for k in sorted(inputs):
             digest.update(k.encode() + sha256_tree(inputs[k]).encode())
-        for step in range(cfg.steps):
-            if hook := HOOKS.get(name):
-                hook(step)
-            tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/step_value": float(step)}, step=step)
-            time.sleep(cfg.step_sleep_s)
+        # A progress bar like the real stages' (their console progress is what the Prefect UI mirrors).
+        with tqdm(total=cfg.steps, desc=name, unit="step", mininterval=0) as bar:
+            for step in range(cfg.steps):
+                if hook := HOOKS.get(name):
+                    hook(step)
+                tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/step_value": float(step)}, step=step)
+                time.sleep(cfg.step_sleep_s)
+                bar.update(1)
+                bar.set_postfix(loss=f"{1.0 / (step + 1):.3f}", refresh=False)
         outs: dict[str, Path] = {}
         for o in outputs:
             target = out_dir / o

@@ -29,6 +29,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(1500)]
 EXPERIMENT = "browser-test"
 PIPELINE_TIMEOUT_S = 720
 STAGE_TIMEOUT_S = 300
+# Long enough (~20 s on 2 cores) to look at the pretrain flow run's progress artifact while it trains.
+PRETRAIN_STEPS = 400
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,7 @@ def wait_run_state(page, stack: Stack, run_name: str, timeout_s: float) -> str:
     page.wait_for_url(re.compile(r"/runs/flow-run/"))
     header = page.get_by_role("banner")
     deadline = time.monotonic() + timeout_s
-    final = ("Completed", "Failed", "Crashed", "Cancelled")
+    final = ("Completed", "Cached", "Failed", "Crashed", "Cancelled")
     while True:
         for state in final:
             if header.get_by_text(state, exact=True).count():
@@ -161,12 +163,14 @@ def test_users_path_through_prefect_and_mlflow(stack, shots):
         parent = ml.search_runs([exp.experiment_id], "tags.`llm.pipeline` = 'true'")[0]
         stage_runs = {k.removeprefix("llm.stage_run."): v for k, v in parent.data.tags.items()
                       if k.startswith("llm.stage_run.")}  # fmt: skip
-        assert ml.get_run(stage_runs["pretrain"]).data.params["max_steps"] == "6", (
+        assert ml.get_run(stage_runs["pretrain"]).data.params["max_steps"] == str(PRETRAIN_STEPS), (
             "the form's change did not arrive"
         )
 
-        # -- 3. Rerun only the sft stage from its deployment, against the pipeline's upstream runs.
+        # -- 3. Rerun only the sft stage from its deployment, against the pipeline's upstream runs; then the
+        # tokenizer stage unchanged, which reuses the pipeline's run and shows as Cached.
         rerun_sft_from_its_deployment(page, steps, stack, base, mlflow_url, stage_runs)
+        unchanged_stage_shows_cached(page, steps, base, stack, stage_runs["tokenizer"])
 
         # -- 4. MLflow, reached from the Prefect run's summary the way a person clicks through.
         check_mlflow(page, Steps(page, shots, "mlflow"), pipeline_run_url, mlflow_url, exp.experiment_id,
@@ -176,8 +180,8 @@ def test_users_path_through_prefect_and_mlflow(stack, shots):
 
 
 def run_pipeline_with_changed_max_steps(page, steps: Steps, stack, base: str) -> str:
-    """Deployments -> pipeline -> custom run with pretrain's Max Steps 4 -> 6, submitted and waited for; returns
-    the flow run's page address."""
+    """Deployments -> pipeline -> custom run with pretrain's Max Steps 4 -> PRETRAIN_STEPS, submitted; the pretrain
+    flow run's progress artifact looked at while it trains; the pipeline run waited for. Returns its page address."""
     from playwright.sync_api import expect
 
     with steps.step("deployments"):
@@ -197,7 +201,7 @@ def run_pipeline_with_changed_max_steps(page, steps: Steps, stack, base: str) ->
         prop = form_property(page, "Max Steps (Optional)", pretrain)
         steps_field = prop.get_by_role("spinbutton")
         assert steps_field.input_value() == "4"
-        steps_field.fill("6")
+        steps_field.fill(str(PRETRAIN_STEPS))
         from stages.pretrain import Config as PretrainConfig
 
         # The field's description is shown with it (the pydantic Field description).
@@ -205,11 +209,57 @@ def run_pipeline_with_changed_max_steps(page, steps: Steps, stack, base: str) ->
         expect(prop).to_contain_text(description.split("(")[0].strip())
         steps_field.scroll_into_view_if_needed()
     page.get_by_role("button", name="Submit", exact=True).click()
+    with steps.step("pretrain progress artifact while it trains"):
+        progress_of_running_pretrain(page, stack, base)
+    open_deployment(page, base, "pipeline")
     with steps.step("pipeline run completed"):
         state = wait_run_state(page, stack, run_name, PIPELINE_TIMEOUT_S)
         assert state == "Completed", f"pipeline run ended {state}; see {stack.serve_log}"
         pipeline_run_url = page.url
     return pipeline_run_url
+
+
+def progress_of_running_pretrain(page, stack: Stack, base: str) -> None:
+    """Wait (API) until the pretrain flow run is Running with a progress artifact part way; then its page's
+    Artifacts tab shows that artifact: steps done, rate, ETA and loss."""
+    from playwright.sync_api import expect
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    found: dict[str, object] = {}
+
+    def part_way() -> bool:
+        with prefect_api(stack) as c:
+            arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pretrain-progress"])))
+            for a in arts:
+                run = c.read_flow_run(a.flow_run_id) if a.flow_run_id else None
+                if run is not None and run.state.is_running() and 0 < float(a.data) < 100:
+                    found.update(run=run.id, description=a.description)
+                    return True
+        return False
+
+    wait_for(part_way, PIPELINE_TIMEOUT_S, "a running pretrain with a progress artifact", stack.serve_proc,
+             stack.serve_log)  # fmt: skip
+    assert re.search(r"pretrain: \d+/400 step", str(found["description"])), found
+    page.goto(f"{base}/runs/flow-run/{found['run']}")
+    page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
+    expect(page.get_by_text(re.compile(r"pretrain: \d+/400 step")).first).to_be_visible()
+    expect(page.get_by_text(re.compile(r"loss=")).first).to_be_visible()
+
+
+def unchanged_stage_shows_cached(page, steps: Steps, base: str, stack: Stack, tokenizer_run: str) -> None:
+    """The tokenizer deployment run with nothing changed ends Cached, its state naming the reused MLflow run."""
+    with steps.step("tokenizer run unchanged"):
+        open_deployment(page, base, "tokenizer")
+        run_name = open_custom_run_form(page)
+    page.get_by_role("button", name="Submit", exact=True).click()
+    with steps.step("tokenizer run cached"):
+        state = wait_run_state(page, stack, run_name, STAGE_TIMEOUT_S)
+        assert state == "Cached", f"an unchanged tokenizer run ended {state}; see {stack.serve_log}"
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with prefect_api(stack) as c:
+        run = c.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))[0]
+    assert tokenizer_run in run.state.message, run.state
 
 
 def rerun_sft_from_its_deployment(page, steps: Steps, stack, base: str, mlflow_url: str,

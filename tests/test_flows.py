@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -234,8 +235,67 @@ def test_pipeline_flow_parent_child_runs_registry_and_cached_rerun(tmp_path: Pat
     from flows.stage_flow import make_stage_flow
 
     sft_flow = make_stage_flow(BY_NAME["sft"])
-    out = sft_flow(config=ff.FakeConfig(), pipeline=cfg.pipeline, from_run=[res["run_id"]])
+    state = sft_flow(config=ff.FakeConfig(), pipeline=cfg.pipeline, from_run=[res["run_id"]], return_state=True)
+    assert state.name == "Cached" and parent.data.tags["llm.stage_run.sft"] in state.message
+    out = state.result()
     assert out["reused"] and out["run_id"] == parent.data.tags["llm.stage_run.sft"]
+
+
+def _stage_flow_runs(pipeline_run_id: Any) -> dict[str, Any]:
+    """Stage name -> the Prefect subflow run of that stage under the pipeline flow run `pipeline_run_id`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as c:
+        flows = {f.id: f.name for f in c.read_flows()}
+        runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(operator="and_", any_=[pipeline_run_id])))
+    return {flows[r.flow_id]: r for r in runs}
+
+
+def test_reused_stages_show_cached_and_running_stages_show_progress(tmp_path: Path, pipeline_flow: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    import flows.progress
+
+    monkeypatch.setattr(flows.progress, "DEFAULT_INTERVAL_S", 0.2)
+
+    def artifact(key: str) -> Any:
+        with get_client(sync_client=True) as c:
+            arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return max(arts, key=lambda a: a.updated) if arts else None
+
+    seen: list[tuple[float, str]] = []
+
+    def watch(step: int) -> None:  # mid-stage: the artifact must already show the steps done so far
+        if step == 2:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (seen and "2/4 step" in seen[-1][1]):
+                time.sleep(0.1)
+                a = artifact("pretrain-progress")
+                if a is not None:
+                    seen.append((float(a.data), a.description or ""))
+
+    ff.HOOKS["pretrain"] = watch
+    cfg = pipeline_flow.config_model.model_validate({
+        "pipeline": {"work_dir": str(ff.work_dir(tmp_path)), "system_metrics": False},
+        "pretrain": {"steps": 4, "step_sleep_s": 0.1}})  # fmt: skip
+    first = pipeline_flow(config=cfg, return_state=True)
+    assert seen and seen[-1][0] == 50.0 and "loss=" in seen[-1][1], seen
+    final = artifact("pretrain-progress")
+    assert float(final.data) == 100.0 and "pretrain: finished" in final.description
+
+    runs = _stage_flow_runs(first.state_details.flow_run_id)
+    assert {r.state.name for r in runs.values()} == {"Completed"}, {k: r.state.name for k, r in runs.items()}
+    ids = {s["stage"]: s["run_id"] for s in first.result()["stages"]}
+    again = pipeline_flow(config=cfg, return_state=True)
+    cached = _stage_flow_runs(again.state_details.flow_run_id)
+    assert set(cached) == set(ids), "every reused stage has a run under the pipeline run"
+    for stage, run in cached.items():
+        assert run.state.name == "Cached" and run.state.is_completed(), (stage, run.state)
+        assert ids[stage] in run.state.message, "the state names the MLflow run it reused"
 
 
 def test_prefect_artifacts_and_typed_parameters(tmp_path: Path, pipeline_flow: Any) -> None:
