@@ -189,6 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if res.get("model_version"):
         new = "new version" if res["model_version_created"] else "already registered"
         print(f"  model      models:/{res['registered_model']}/{res['model_version']} ({new})")
+        print(f"  alias      {res['promotion']}")
     return 0
 
 

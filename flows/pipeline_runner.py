@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from flows.lineage import TAG_PIPELINE, fetch_artifact
 from flows.locks import file_lock
 from flows.prefect_ui import pipeline_summary_markdown, publish_pipeline_summary, record_cached_stage
+from flows.promotion import TAG_PROMOTION, Verdict, judge, promote
 from flows.specs import STAGES, PipelineSection, StageSpec
 from flows.stage_runner import StageOutcome, find_reusable, flatten
 from flows.tracking import Tracking, call_with_retry, experiment_link, run_link, setup_tracking
@@ -152,8 +153,9 @@ def _run_stages(
 def _run_under(
     cfg: BaseModel, stage_flows: Mapping[str, Any], specs: Sequence[StageSpec], force: bool, tracking: Tracking,
     pid: str,
-) -> tuple[list[StageOutcome], str | None, bool]:  # fmt: skip
-    """Stages and model registration inside the pipeline run `pid`, which ends FINISHED or FAILED."""
+) -> tuple[list[StageOutcome], str | None, bool, Verdict | None]:  # fmt: skip
+    """Stages, model registration and the promotion gate inside the pipeline run `pid`, which ends FINISHED or
+    FAILED."""
     from mlflow.entities import Param
 
     section: PipelineSection = cfg.pipeline
@@ -163,14 +165,17 @@ def _run_under(
         client.log_batch(pid, params=params)
         client.log_dict(pid, cfg.model_dump(mode="json"), "pipeline_config.json")
         outcomes = _run_stages(cfg, stage_flows, specs, force, tracking, pid)
-        version, created = None, False
+        version, created, verdict = None, False, None
         final = next((o for o in outcomes if o.stage == FINAL_STAGE), None)
         if final is not None:
             work_dir = Path(section.work_dir).resolve()
             # two pipelines ending at once would each find no version holding this model and both register one
             with file_lock(work_dir / "locks" / f"register-{section.registered_model}.lock"):
                 version, created = register_final_model(tracking, section.registered_model, pid, final, work_dir)
+                verdict = judge(final.metrics, section.promotion_max_exact_match_drop, section.promotion_max_kl)
+                call_with_retry(lambda: promote(client, section.registered_model, version, verdict), "set alias", 60)
             client.set_tag(pid, "llm.registered_model", f"models:/{section.registered_model}/{version}")
+            client.set_tag(pid, TAG_PROMOTION, verdict.describe()[:5000])
         client.set_tag(pid, "llm.stages_reused", str(sum(o.reused for o in outcomes)))
         client.set_terminated(pid, "FINISHED")
     except BaseException as e:
@@ -180,7 +185,7 @@ def _run_under(
         except Exception:
             log.warning("could not mark pipeline run %s as failed", pid)
         raise
-    return outcomes, version, created
+    return outcomes, version, created, verdict
 
 
 def run_pipeline(
@@ -199,10 +204,11 @@ def run_pipeline(
     )
     pid = parent.info.run_id
     log.info("pipeline: MLflow run %s (%s)", pid, run_link(tracking, pid) or tracking.ui_hint())
-    outcomes, version, created = _run_under(cfg, stage_flows, specs, force, tracking, pid)
+    outcomes, version, created, verdict = _run_under(cfg, stage_flows, specs, force, tracking, pid)
     publish_pipeline_summary(pipeline_summary_markdown(
         outcomes, section.registered_model, version, created, parent_run_id=pid, parent_link=run_link(tracking, pid),
         experiment_link=experiment_link(tracking), experiment=tracking.experiment_name, ui_hint=tracking.ui_hint(),
+        promotion=verdict.describe() if verdict else "",
     ))  # fmt: skip
     reused = [o.stage for o in outcomes if o.reused]
     if reused:
@@ -213,6 +219,8 @@ def run_pipeline(
         "registered_model": section.registered_model if version else None,
         "model_version": version,
         "model_version_created": created,
+        "model_alias": verdict.alias if verdict else None,
+        "promotion": verdict.describe() if verdict else None,
         "wall_s": time.monotonic() - t0,
         "tracking_uri": tracking.uri,
         "experiment_id": tracking.experiment_id,

@@ -118,6 +118,7 @@ def pipeline_summary_markdown(
     experiment_link: str | None = None,
     experiment: str = "",
     ui_hint: str = "",
+    promotion: str = "",
 ) -> str:
     """The `pipeline-summary` Prefect artifact: the pipeline run, each stage's run and key metrics, the model."""
     lines = ["### Pipeline", ""]
@@ -136,6 +137,8 @@ def pipeline_summary_markdown(
         lines.append(f"| {o.stage} | {run} | {'reused' if o.reused else 'ran'} | {o.wall_s:.1f} | {key} |")
     if version:
         lines += ["", f"Registered model `models:/{model}/{version}` ({'new version' if created else 'unchanged'})."]
+        if promotion:
+            lines.append(f"Alias: {promotion}.")
     return "\n".join(lines)
 
 

@@ -90,6 +90,11 @@ class PipelineSection(BaseModel):
         "the tracking server is away.",
     )
     system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics to each stage run.")
+    promotion_max_exact_match_drop: float = Field(
+        0.02, ge=0, le=1, description="Promotion gate: the aligned model gets the registry alias `champion` only "
+        "if its held-out exact match is at most this much below the SFT policy's (else `candidate`).")
+    promotion_max_kl: float = Field(0.5, ge=0, description="Promotion gate: largest KL to the SFT policy on "
+                                    "held-out prompts for the alias `champion`.")
 
     @field_validator("registered_model")
     @classmethod

@@ -108,8 +108,10 @@ def test_tiny_pipeline_end_to_end_then_cached_then_forced(tmp_path: Path) -> Non
                         "--set", f"pipeline.work_dir={tmp_path / 'work'}"],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0 and f"reused unchanged run {by_stage['sft'].info.run_id}" in r.stdout, r.stderr[-3000:]
-    # the registered model is usable by name
-    r = subprocess.run([*base, "generate", "--model", f"models:/{MODEL}/1", "--prompt", "What is 2 + 3?", "--chat",
+    # the registered model carries the promotion gate's alias, and is usable by it
+    (alias,) = c.get_model_version(MODEL, "1").aliases
+    assert alias in ("champion", "candidate") and f"alias      {alias}" in r2.stdout
+    r = subprocess.run([*base, "generate", "--model", f"models:/{MODEL}@{alias}", "--prompt", "What is 2 + 3?", "--chat",
                         "--max-new-tokens", "4"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     _run_readme_examples(base, tmp_path, env, by_stage["pretrain"].info.run_id, by_stage["ppo"].info.run_id)

@@ -222,6 +222,10 @@ def test_pipeline_flow_parent_child_runs_registry_and_cached_rerun(tmp_path: Pat
     assert len(versions) == 1 and versions[0].run_id == res["run_id"], "the pipeline run is the model's source"
     assert versions[0].tags["llm.stage_run"] == parent.data.tags["llm.stage_run.ppo"]
     assert res["model_version"] == "1" and res["model_version_created"]
+    # the fake ppo stage measures no held-out exact match or KL: the gate cannot vouch for it
+    assert res["model_alias"] == "candidate" and "exact match not measured" in res["promotion"]
+    assert str(c.get_model_version_by_alias("fake-assistant", "candidate").version) == "1"
+    assert parent.data.tags["llm.promotion"].startswith("candidate: exact match not measured")
     summary = _read_artifact("pipeline-summary")
     assert f"`{res['run_id']}`" in summary and "eval/score=1" in summary, "parent run and headline metrics listed"
 
@@ -479,3 +483,15 @@ def test_stage_run_log_has_our_records_not_library_bytecode(tmp_path: Path, pipe
     text = "\n".join(r.message for r in asyncio.run(read()))
     assert "LOAD_GLOBAL" not in text and "from_arrays" not in text
     assert "stage ingest: running in MLflow run" in text
+
+
+def test_promotion_gate_names_each_failed_gate() -> None:
+    from flows.promotion import judge
+
+    good = {"eval/exact_match": 0.725, "eval/sft_exact_match": 0.735, "eval/kl": 0.04}
+    assert judge(good, 0.02, 0.5).alias == "champion" and not judge(good, 0.02, 0.5).failed
+    worse = judge({**good, "eval/exact_match": 0.70}, 0.02, 0.5)
+    assert worse.alias == "candidate" and "0.035 below" in worse.describe()
+    drift = judge({**good, "eval/kl": 0.9}, 0.02, 0.5)
+    assert drift.alias == "candidate" and "promotion_max_kl=0.5" in drift.describe()
+    assert len(judge({}, 0.02, 0.5).failed) == 2

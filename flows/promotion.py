@@ -1,0 +1,49 @@
+"""The promotion gate: every final model version is registered; the alias `champion` moves to it only when its
+alignment did not cost what the user set as acceptable, otherwise it gets `candidate` and the reasons."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CANDIDATE = "champion", "candidate"
+TAG_PROMOTION = "llm.promotion"  # on the model version: "champion", or "candidate: <failed gates>"
+
+
+@dataclass
+class Verdict:
+    alias: str
+    failed: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return self.alias if not self.failed else f"{self.alias}: " + "; ".join(self.failed)
+
+
+def judge(metrics: Mapping[str, float], max_exact_match_drop: float, max_kl: float) -> Verdict:
+    """The final stage's held-out metrics against the gates: exact match not lower than the SFT policy's by more
+    than `max_exact_match_drop`, KL to the SFT policy under `max_kl`. A gate whose metric was not measured (no
+    held-out set) fails: nothing vouches for the model."""
+    failed = []
+    em, sft_em, kl = (metrics.get(k) for k in ("eval/exact_match", "eval/sft_exact_match", "eval/kl"))
+    if em is None or sft_em is None:
+        failed.append("exact match not measured (no held-out set)")
+    elif em < sft_em - max_exact_match_drop:
+        failed.append(f"exact match {em:.3f} is {sft_em - em:.3f} below the SFT policy's {sft_em:.3f} "
+                      f"(pipeline.promotion_max_exact_match_drop={max_exact_match_drop:g})")
+    if kl is None:
+        failed.append("KL to the SFT policy not measured")
+    elif kl > max_kl:
+        failed.append(f"KL {kl:.3f} to the SFT policy is above pipeline.promotion_max_kl={max_kl:g}")
+    return Verdict(CANDIDATE if failed else CHAMPION, failed)
+
+
+def promote(client: Any, name: str, version: str, verdict: Verdict) -> None:
+    """Point the verdict's alias at `version` and record the verdict on it (idempotent: a rerun that finds the
+    version already registered sets the same alias again)."""
+    client.set_registered_model_alias(name, verdict.alias, version)
+    client.set_model_version_tag(name, version, TAG_PROMOTION, verdict.describe()[:5000])
+    log.info("model %s version %s: %s", name, version, verdict.describe())
