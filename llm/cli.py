@@ -7,6 +7,7 @@ also turns MLflow run ids and `models:/name/version` into such a folder.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -110,6 +111,8 @@ def cmd_export(args: argparse.Namespace, resolve_ref: ResolveRef) -> int:
     tok_dir = Path(args.tokenizer) if args.tokenizer else tokenizer_folder(folder)
     if args.format == "hf":
         out = export_hf(model, args.out, tokenizer_dir=tok_dir)
+        if (folder / "README.md").is_file():  # the model card the stage wrote travels with the model
+            shutil.copy2(folder / "README.md", out / "README.md")
     else:
         out = save_model(args.out, model, tokenizer_dir=tok_dir)
     print(f"wrote {args.format} model to {out}" + (f" (tokenizer from {tok_dir})" if tok_dir else " (no tokenizer)"))

@@ -37,6 +37,7 @@ from stages import hf_training as hft
 from stages import reuse
 from stages.chat_data import load_prompts, prompt_text, resolve_source
 from stages.common import NullTracker, StageError, StageResult, Tracker, read_json, require_path, stage_device
+from stages.model_card import settings_of, source_of, write_model_card
 
 # GRPO / RLOO learn from the reward spread inside a group of sampled answers, with no value model: they need many
 # more sampled answers than PPO, sampling at full temperature (at 0.7 most groups of a confident policy agree and
@@ -352,6 +353,9 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     metrics, samples = _evaluate(cfg, tok, models, heldout) if heldout else ({}, [])
     if heldout:
         tracker.log_metrics(metrics, step=steps)
+    write_model_card(hf, "ppo", "the SFT stage's policy, rewarded by the reward stage's model",
+                     source_of(cfg.dataset, "the built-in RL prompts (tasks/rl_prompts.jsonl)"), metrics,
+                     settings_of(cfg, ("algorithm", "total_episodes", "learning_rate", "kl_coef", "seed")))
     result = StageResult(outputs={"hf": hf}, metrics=metrics, samples=samples)
     reuse.mark_finished(out_dir, key, result)
     return result

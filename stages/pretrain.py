@@ -34,6 +34,7 @@ from stages.common import (
     require_path,
     sha256_tree,
 )
+from stages.model_card import settings_of, write_model_card
 from stages.reuse import finished, mark_finished, work_key
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,9 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
         if job.tasks_dir is not None:
             metrics.update(_exact_match(outputs["hf"], job.tasks_dir, cfg.exact_match_limit, samples, result.step))
         tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("val/", "eval/"))}, step=result.step)
+        write_model_card(outputs["hf"], "pretrain", "random initialisation", "the ingest stage's corpus, encoded by "
+                         "the tokenizer stage", metrics,
+                         {"model": cfg.model, **settings_of(cfg, ("max_steps", "seq_len", "lr", "seed"))})
         mark_finished(out_dir, key, StageResult(outputs=outputs, metrics=metrics, samples=samples))
     D.barrier(job.info)
     return StageResult(outputs=outputs, metrics=metrics, samples=samples, plots=plots)

@@ -22,6 +22,7 @@ from stages import hf_training as hft
 from stages import reuse
 from stages.chat_data import load_preferences, prompt_text, resolve_eval_source, resolve_source
 from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
+from stages.model_card import settings_of, source_of, write_model_card
 
 
 class Config(hft.ScheduleSettings, hft.DeviceSettings):
@@ -155,6 +156,9 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     metrics["eval/pairwise_accuracy_before"] = before["eval/pairwise_accuracy"]
     metrics["train/loss_final"] = loss
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
+    write_model_card(hf, "reward", "the SFT stage's model, with a new scalar head", source_of(cfg.dataset, "the "
+                     "built-in preference pairs (tasks/preferences.jsonl)"), metrics,
+                     settings_of(cfg, ("epochs", "learning_rate", "seed")))
     result = StageResult(outputs={"hf": hf}, metrics=metrics, samples=rows[: cfg.n_samples])
     reuse.mark_finished(out_dir, key, result)
     return result

@@ -21,6 +21,7 @@ from stages import hf_training as hft
 from stages import reuse
 from stages.chat_data import load_chat, resolve_eval_source, resolve_source
 from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
+from stages.model_card import settings_of, source_of, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
         metrics["eval/exact_match_before"] = before_metrics["eval/exact_match"]
         samples = sample_table(before_rows, after_rows, cfg.n_samples)
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
+    write_model_card(hf, "sft", "the pretrain stage's base model", source_of(cfg.dataset, "the built-in chat data "
+                     "(tasks/sft.jsonl)"), metrics, settings_of(cfg, ("method", "epochs", "learning_rate", "seed")))
     result = StageResult(outputs={"hf": hf}, metrics=metrics, samples=samples)
     reuse.mark_finished(out_dir, key, result)
     return result

@@ -108,6 +108,15 @@ def test_tiny_pipeline_end_to_end_then_cached_then_forced(tmp_path: Path) -> Non
                         "--set", f"pipeline.work_dir={tmp_path / 'work'}"],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0 and f"reused unchanged run {by_stage['sft'].info.run_id}" in r.stdout, r.stderr[-3000:]
+    # every model folder a stage wrote carries a model card that huggingface_hub reads
+    from huggingface_hub import ModelCard
+
+    for stage, role in (("pretrain", "base model"), ("sft", "assistant"), ("reward", "reward model"),
+                        ("ppo", "aligned assistant")):
+        path = c.download_artifacts(by_stage[stage].info.run_id, "hf/README.md", str(tmp_path / f"card-{stage}"))
+        card = ModelCard.load(path)
+        assert stage in card.data.tags and role in card.text and "## Intended use" in card.text, card.text[:500]
+        assert "## Evaluation (held-out)" in card.text, f"{stage}'s card lists no held-out metrics"
     # the registered model carries the promotion gate's alias, and is usable by it
     (alias,) = c.get_model_version(MODEL, "1").aliases
     assert alias in ("champion", "candidate") and f"alias      {alias}" in r2.stdout
@@ -143,3 +152,7 @@ def _run_readme_examples(base: list[str], tmp: Path, env: dict[str, str], pretra
         else:
             assert r.stdout.strip(), f"README example {shlex.join(argv)} printed nothing"
     assert (tmp / "my-model" / "config.json").is_file(), "the README's export example wrote no model folder"
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp / "my-model" / "README.md")  # the exported aligned model keeps its card
+    assert card.data.pipeline_tag == "text-generation" and "aligned assistant" in card.text
