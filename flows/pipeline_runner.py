@@ -172,7 +172,9 @@ def _run_under(
             # two pipelines ending at once would each find no version holding this model and both register one
             with file_lock(work_dir / "locks" / f"register-{section.registered_model}.lock"):
                 version, created = register_final_model(tracking, section.registered_model, pid, final, work_dir)
-                verdict = judge(final.metrics, section.promotion_max_exact_match_drop, section.promotion_max_kl)
+                ingest = next((o.metrics for o in outcomes if o.stage == "ingest"), {})
+                verdict = judge(final.metrics, section.promotion_max_exact_match_drop, section.promotion_max_kl,
+                                ingest, section.promotion_max_contamination)
                 call_with_retry(lambda: promote(client, section.registered_model, version, verdict), "set alias", 60)
             client.set_tag(pid, "llm.registered_model", f"models:/{section.registered_model}/{version}")
             client.set_tag(pid, TAG_PROMOTION, verdict.describe()[:5000])

@@ -19,7 +19,7 @@ OWN_LOGGERS = ("flows", "stages", "llm")
 
 # The metrics that say whether a stage did its job, shown first in the summary (each stage logs many more).
 HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
-    "ingest": ("rows",),
+    "ingest": ("rows", "contamination/heldout/items"),
     "tokenizer": ("vocab_size", "val/bytes_per_token"),
     "pretrain": ("val/loss", "val/bpb", "eval/exact_match"),
     "sft": ("eval/exact_match",),

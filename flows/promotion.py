@@ -23,11 +23,27 @@ class Verdict:
         return self.alias if not self.failed else f"{self.alias}: " + "; ".join(self.failed)
 
 
-def judge(metrics: Mapping[str, float], max_exact_match_drop: float, max_kl: float) -> Verdict:
+def contaminated(metrics: Mapping[str, float], max_rate: float) -> list[str]:
+    """Evaluation sets whose share of items overlapping training text (the ingest stage's `contamination/<set>/rate`
+    metrics) is above `max_rate`, described."""
+    out = []
+    for key in sorted(k for k in metrics if k.startswith("contamination/") and k.endswith("/rate")):
+        name = key.split("/")[1]
+        if metrics[key] > max_rate:
+            items = metrics.get(f"contamination/{name}/items", 0)
+            out.append(f"contaminated: {int(items)} {name} items ({metrics[key]:.1%}) share a word sequence with "
+                       f"training text (pipeline.promotion_max_contamination={max_rate:g}; the ingest run's "
+                       "contamination/report.json names them)")
+    return out
+
+
+def judge(metrics: Mapping[str, float], max_exact_match_drop: float, max_kl: float,
+          contamination: Mapping[str, float] | None = None, max_contamination: float = 0.0) -> Verdict:
     """The final stage's held-out metrics against the gates: exact match not lower than the SFT policy's by more
-    than `max_exact_match_drop`, KL to the SFT policy under `max_kl`. A gate whose metric was not measured (no
-    held-out set) fails: nothing vouches for the model."""
-    failed = []
+    than `max_exact_match_drop`, KL to the SFT policy under `max_kl`, and no evaluation set contaminated above
+    `max_contamination` (a share of its items; `contamination` holds the ingest stage's metrics). A gate whose
+    metric was not measured (no held-out set) fails: nothing vouches for the model."""
+    failed = contaminated(contamination or {}, max_contamination)
     em, sft_em, kl = (metrics.get(k) for k in ("eval/exact_match", "eval/sft_exact_match", "eval/kl"))
     if em is None or sft_em is None:
         failed.append("exact match not measured (no held-out set)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +33,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from stages import corpus, reuse
+from stages import contamination, corpus, reuse
 from stages.cleaning import clean_batch
 from stages.common import (
     NullTracker,
@@ -60,6 +61,7 @@ from stages.readers import (
 from stages.shard_writer import SplitWriters
 
 __all__ = ["BuiltinSource", "Config", "FilesSource", "HFSource", "run"]
+log = logging.getLogger(__name__)
 
 # The task-set sizes of the built-in source change the tasks folder only, not the corpus.
 TASK_FIELDS = tuple(f.name for f in dataclasses.fields(corpus.TaskSpec))
@@ -84,6 +86,11 @@ class Config(BaseModel):
     max_bad_fraction: float = Field(0.001, ge=0.0, le=1.0, description="Fail when more than this share of "
                                     "records is bad (invalid UTF-8, malformed JSON, missing field, unreadable "
                                     "file); below it, bad records are quarantined and counted.")
+    contamination_ngram: int = Field(13, ge=1, description="Contamination check: an evaluation item counts as "
+                                     "contaminated when one of its runs of this many words occurs in a training "
+                                     "text (corpus, SFT, preference or RL data).")
+    contamination_check: bool = Field(True, description="Run the contamination check (one pass over the corpus) "
+                                      "when the built-in task folder provides evaluation sets.")
 
 
 class _Counts:
@@ -289,12 +296,28 @@ def run(cfg: Config, inputs: dict[str, Path] | None, out_dir: Path, tracker: Tra
     """Ingest the configured sources into `out_dir/corpus` (and `out_dir/tasks` for the built-in source)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale(out_dir, ("corpus", "tasks"))
+    remove_stale(out_dir, ("corpus", "tasks", "contamination"))
     key = _corpus_key(cfg)  # also fails fast on paths that match nothing
     builtin = [s for s in cfg.sources if isinstance(s, BuiltinSource)]
     if len(builtin) > 1:
         raise StageError("ingest.sources lists the builtin source more than once; keep one.")
     outputs = {"tasks": _tasks(builtin[0], out_dir)} if builtin else {}
     result = _corpus(cfg, key, out_dir, tracker)
-    tracker.log_metrics(result.metrics)
-    return StageResult(outputs={**outputs, **result.outputs}, metrics=result.metrics, samples=result.samples)
+    metrics = dict(result.metrics)
+    if "tasks" in outputs and cfg.contamination_check:
+        outputs["contamination"], report = _contamination(cfg, outputs["tasks"], result.outputs["corpus"], out_dir)
+        metrics.update(contamination.metrics_of(report))
+    tracker.log_metrics(metrics)
+    return StageResult(outputs={**outputs, **result.outputs}, metrics=metrics, samples=result.samples)
+
+
+def _contamination(cfg: Config, tasks_dir: Path, corpus_dir: Path, out_dir: Path) -> tuple[Path, dict]:
+    """`contamination/report.json`: per evaluation set, the items sharing a word n-gram with training text."""
+    report = contamination.check_tasks(tasks_dir, corpus_dir, cfg.contamination_ngram)
+    for name, r in report.items():
+        if r["items"]:
+            log.warning("contamination: %d of %d %s items share a %d-word sequence with training text, e.g. %r",
+                        r["items"], r["total"], name, cfg.contamination_ngram, r["examples"][0])
+    with atomic_dir(out_dir / "contamination") as tmp:
+        write_json(tmp / "report.json", {"ngram": cfg.contamination_ngram, "sets": report})
+    return out_dir / "contamination", report

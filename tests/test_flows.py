@@ -484,14 +484,3 @@ def test_stage_run_log_has_our_records_not_library_bytecode(tmp_path: Path, pipe
     assert "LOAD_GLOBAL" not in text and "from_arrays" not in text
     assert "stage ingest: running in MLflow run" in text
 
-
-def test_promotion_gate_names_each_failed_gate() -> None:
-    from flows.promotion import judge
-
-    good = {"eval/exact_match": 0.725, "eval/sft_exact_match": 0.735, "eval/kl": 0.04}
-    assert judge(good, 0.02, 0.5).alias == "champion" and not judge(good, 0.02, 0.5).failed
-    worse = judge({**good, "eval/exact_match": 0.70}, 0.02, 0.5)
-    assert worse.alias == "candidate" and "0.035 below" in worse.describe()
-    drift = judge({**good, "eval/kl": 0.9}, 0.02, 0.5)
-    assert drift.alias == "candidate" and "promotion_max_kl=0.5" in drift.describe()
-    assert len(judge({}, 0.02, 0.5).failed) == 2

@@ -180,3 +180,25 @@ def test_changing_only_task_sizes_keeps_the_corpus(tmp_path):
     b = ingest.run(ingest.Config(sources=[src]), None, tmp_path)
     assert shard.stat().st_mtime_ns == before
     assert sum(1 for _ in open(b.outputs["tasks"] / "sft.jsonl")) == 31
+
+
+def test_planted_contamination_is_found_named_and_keeps_the_model_from_champion(tmp_path):
+    from flows.promotion import judge
+
+    # no validation split: the leaked page must land in the training text the check reads
+    clean = ingest.run(ingest.Config(sources=[small_builtin()], val_fraction=0.0), None, tmp_path / "clean")
+    report = json.loads((clean.outputs["contamination"] / "report.json").read_text())
+    assert set(report["sets"]) == {"heldout", "sft_eval", "preferences_eval"} and report["ngram"] == 13
+    held = [json.loads(line) for line in (clean.outputs["tasks"] / "heldout.jsonl").read_text().splitlines()]
+    planted = next(r["prompt"] for r in held if r["kind"] in ("color", "owner"))  # a fact no training text states
+    (tmp_path / "leak.txt").write_text(f"A page copied from the test set. {planted} The end.\n")
+
+    leak = ingest.FilesSource(paths=[str(tmp_path / "leak.txt")])
+    dirty = ingest.run(ingest.Config(sources=[small_builtin(), leak], val_fraction=0.0), None, tmp_path / "dirty")
+    found = json.loads((dirty.outputs["contamination"] / "report.json").read_text())["sets"]["heldout"]
+    before = clean.metrics["contamination/heldout/items"]
+    assert dirty.metrics["contamination/heldout/items"] == before + 1 and planted in found["examples"]
+    good = {"eval/exact_match": 0.7, "eval/sft_exact_match": 0.7, "eval/kl": 0.01}
+    assert judge(good, 0.02, 0.5, clean.metrics, 0.0).alias == ("candidate" if before else "champion")
+    verdict = judge(good, 0.02, 0.5, dirty.metrics, 0.0)
+    assert verdict.alias == "candidate" and "heldout items" in verdict.describe()
