@@ -190,6 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         new = "new version" if res["model_version_created"] else "already registered"
         print(f"  model      models:/{res['registered_model']}/{res['model_version']} ({new})")
         print(f"  alias      {res['promotion']}")
+    if res.get("report"):
+        print("\n" + res["report"].split("\n![")[0].rstrip())
     return 0
 
 

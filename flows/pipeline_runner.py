@@ -19,6 +19,7 @@ from flows.lineage import TAG_PIPELINE, fetch_artifact
 from flows.locks import file_lock
 from flows.prefect_ui import pipeline_summary_markdown, publish_pipeline_summary, record_cached_stage
 from flows.promotion import TAG_PROMOTION, Verdict, judge, promote
+from flows.report import publish_report
 from flows.specs import STAGES, PipelineSection, StageSpec
 from flows.stage_runner import StageOutcome, find_reusable, flatten
 from flows.tracking import Tracking, call_with_retry, experiment_link, run_link, setup_tracking
@@ -212,6 +213,13 @@ def run_pipeline(
         experiment_link=experiment_link(tracking), experiment=tracking.experiment_name, ui_hint=tracking.ui_hint(),
         promotion=verdict.describe() if verdict else "",
     ))  # fmt: skip
+    model = f"models:/{section.registered_model}/{version}" if version else None
+    try:
+        report = publish_report(tracking, outcomes, pid, model, verdict.describe() if verdict else None,
+                                section.price_per_device_hour)
+    except Exception as e:  # a view of finished runs: never fail the pipeline over it
+        log.warning("could not write the report card: %s", e)
+        report = ""
     reused = [o.stage for o in outcomes if o.reused]
     if reused:
         log.info("pipeline: reused unchanged stages %s", ", ".join(reused))
@@ -221,6 +229,7 @@ def run_pipeline(
         "registered_model": section.registered_model if version else None,
         "model_version": version,
         "model_version_created": created,
+        "report": report,
         "model_alias": verdict.alias if verdict else None,
         "promotion": verdict.describe() if verdict else None,
         "wall_s": time.monotonic() - t0,

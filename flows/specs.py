@@ -95,6 +95,8 @@ class PipelineSection(BaseModel):
         "if its held-out exact match is at most this much below the SFT policy's (else `candidate`).")
     promotion_max_kl: float = Field(0.5, ge=0, description="Promotion gate: largest KL to the SFT policy on "
                                     "held-out prompts for the alias `champion`.")
+    price_per_device_hour: float = Field(0.0, ge=0, description="Price of one device (GPU or CPU machine) per "
+                                         "hour, for the report card's estimated cost per stage (0: not shown).")
     promotion_max_contamination: float = Field(
         0.01, ge=0, le=1, description="Promotion gate: largest share of an evaluation set's items that may share a "
         "word sequence with training text (the ingest stage's contamination check) for the alias `champion`.")

@@ -71,12 +71,13 @@ def _hashes(c: Any, run_ids: list[str]) -> dict[str, dict[str, str]]:
 
 @pytest.mark.slow
 def test_tiny_pipeline_end_to_end_then_cached_then_forced(tmp_path: Path) -> None:
-    _cli(tmp_path)
+    r1, _ = _cli(tmp_path)
     c, exp = _store(tmp_path)
     (parent,) = _pipelines(c, exp)
     assert parent.info.status == "FINISHED"
     children = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_stage = {r.data.tags["llm.stage"]: r for r in children}
+    _check_report_card(c, parent.info.run_id, by_stage, r1.stdout, tmp_path)
     assert sorted(by_stage) == sorted(EXPECTED_METRICS) and len(children) == 6
     for stage, run in by_stage.items():
         assert run.info.status == "FINISHED", stage
@@ -132,6 +133,26 @@ def test_tiny_pipeline_end_to_end_then_cached_then_forced(tmp_path: Path) -> Non
     again = _hashes(c, [p3.data.tags[f"llm.stage_run.{s}"] for s in EXPECTED_METRICS])
     assert again == first
     assert len(c.search_model_versions(f"name='{MODEL}'")) == 1
+
+
+def _check_report_card(c: Any, pid: str, by_stage: dict[str, Any], stdout: str, tmp: Path) -> None:
+    """The report card is on the pipeline run and printed; each of its numbers is the MLflow metric it names."""
+    import json
+
+    folder = Path(c.download_artifacts(pid, "report", str(tmp / "report")))
+    card = json.loads((folder / "report.json").read_text())
+    assert (folder / "report.md").is_file() and list((folder / "curves").glob("*.png"))
+    assert [s["stage"] for s in card["stages"]] == list(EXPECTED_METRICS)
+    for s in card["stages"]:
+        run = by_stage[s["stage"]]
+        assert s["run_id"] == run.info.run_id and s["wall_s"] > 0
+        for k, v in [*s["metrics"].items(), *(s["throughput"] or {}).items()]:
+            assert v == run.data.metrics[k], (s["stage"], k)
+    models = {"base": "pretrain", "SFT": "sft", "aligned": "ppo"}
+    assert {"eval/exact_match", "eval/refusal_rate/harmful"} <= set(card["models"])
+    for metric, values in card["models"].items():
+        assert values == {m: by_stage[st].data.metrics[metric] for m, st in models.items()}, metric
+    assert "Report card" in stdout and "aligned - SFT" in stdout
 
 
 def _run_readme_examples(base: list[str], tmp: Path, env: dict[str, str], pretrain_run: str, ppo_run: str) -> None:
