@@ -84,17 +84,17 @@ def record_cached_stage(stage_flow: Any, out: StageOutcome, parameters: Mapping[
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None or not isinstance(stage_flow, Flow):
         return
-    state = final_state(out)
+    state = final_state(out).model_copy(update={"data": None})  # the outcome itself is not persisted
     try:
         with get_client(sync_client=True) as client:
             tracking_task = Task(name=stage_flow.name, fn=stage_flow.fn, version=stage_flow.version)
             parent = client.create_task_run(
                 tracking_task, ctx.flow_run.id, dynamic_key=f"{out.stage}-cached-{out.run_id}",
-                state=state.model_copy(update={"data": None}),
+                state=state,
             )  # fmt: skip
             client.create_flow_run(
                 stage_flow, parameters=stage_flow.serialize_parameters(dict(parameters)),
-                parent_task_run_id=parent.id, state=state.model_copy(update={"data": None}),
+                parent_task_run_id=parent.id, state=state,
             )  # fmt: skip
     except Exception as e:  # a view of the run; never fail the pipeline over it
         log.warning("could not record the reused %s stage in Prefect: %s", out.stage, e)

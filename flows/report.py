@@ -39,8 +39,7 @@ CURVES = {"pretrain": ("train/loss", "val/loss"), "sft": ("train/loss",), "rewar
           "ppo": ("train/objective/rlhf_reward", "train/objective/kl")}
 
 
-def _stage_entry(tracking: Tracking, o: StageOutcome, price: float) -> dict[str, Any]:
-    run = call_with_retry(lambda: tracking.client.get_run(o.run_id), f"read run {o.run_id}", 60)
+def _stage_entry(o: StageOutcome, run: Any, price: float) -> dict[str, Any]:
     m = run.data.metrics
     wall = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
     work_key, unit = WORK.get(o.stage, ("", ""))
@@ -53,22 +52,21 @@ def _stage_entry(tracking: Tracking, o: StageOutcome, price: float) -> dict[str,
         "cost": wall / 3600 * price if wall is not None and price > 0 else None,
         "metrics": {k: m[k] for k in QUALITY.get(o.stage, ()) if k in m},
     }
-    entry["_all"] = m  # for the deltas; dropped before writing
     return entry
 
 
 def build_report(tracking: Tracking, outcomes: Sequence[StageOutcome], pipeline_run_id: str,
                  model: str | None, promotion: str | None, price_per_device_hour: float = 0.0) -> dict[str, Any]:
     """The card as data: one entry per stage, the base -> SFT -> aligned table, the registered model."""
-    stages = [_stage_entry(tracking, o, price_per_device_hour) for o in outcomes]
-    by = {s["stage"]: s["_all"] for s in stages}
+    runs = {o.stage: call_with_retry(lambda o=o: tracking.client.get_run(o.run_id), f"read run {o.run_id}", 60)
+            for o in outcomes}
+    stages = [_stage_entry(o, runs[o.stage], price_per_device_hour) for o in outcomes]
+    by = {st: run.data.metrics for st, run in runs.items()}
     deltas = {}
     for metric in SHARED:
         values = {label: by[st][metric] for label, st in MODELS if st in by and metric in by[st]}
         if len(values) >= 2:
             deltas[metric] = values
-    for s in stages:
-        del s["_all"]
     return {"pipeline_run_id": pipeline_run_id, "registered_model": model, "promotion": promotion,
             "price_per_device_hour": price_per_device_hour, "stages": stages, "models": deltas}
 
