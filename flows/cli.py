@@ -13,8 +13,6 @@ import argparse
 import logging
 import os
 import re
-import socket
-import subprocess
 import sys
 import traceback
 from collections.abc import Sequence
@@ -32,6 +30,7 @@ from flows.supervisor import (
     down,
     up,
 )
+from flows.temp_prefect import TemporaryPrefect, prestart_prefect
 from stages.common import StageError
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -76,105 +75,20 @@ def _check_tracking(cfg: Any) -> Any:
     return setup_tracking(p.experiment, p.work_dir, p.offline_tracking)
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the parent dies, even by kill -9, so no server is left behind."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class _TemporaryPrefect:
-    """Without PREFECT_API_URL, Prefect would start a temporary local server at the first flow run, after all the
-    imports (~10-20 s on 2 cores, serially). This starts one with Prefect's public command (`prefect server start`
-    on 127.0.0.1, a free port, no UI, no scheduler: nothing is scheduled; storage in PREFECT_HOME) as a subprocess
-    at once, so it boots while this process imports torch and MLflow; it is stopped at exit."""
-
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.api = ""
-
-    def start(self) -> None:
-        import atexit
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-             "--no-ui", "--no-scheduler", "--no-late-runs", "--analytics-off", "--log-level", "ERROR"],
-            stdout=subprocess.DEVNULL,  # the banner would tell users to configure a server that goes away at exit
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
-        )
-        self.api = f"http://127.0.0.1:{port}/api"
-        os.environ["PREFECT_API_URL"] = self.api  # before prefect is imported here: flows talk to this server
-        atexit.register(self.stop)
-        log.info("starting a temporary Prefect server on %s (set PREFECT_API_URL to use your own)", self.api)
-
-    def wait(self, timeout: float = 300) -> None:
-        import time
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise StageError(f"the temporary Prefect server exited (code {self.proc and self.proc.returncode}); "
-                                 "check that PREFECT_HOME is writable, or start one (`llm-pipeline up`) and set "
-                                 "PREFECT_API_URL")
-            try:
-                with urllib.request.urlopen(self.api + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise StageError(f"the temporary Prefect server at {self.api} did not answer within {timeout:.0f}s; start "
-                         "one (`llm-pipeline up`) and set PREFECT_API_URL, or retry on a less busy machine")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
-_SERVER: list[_TemporaryPrefect] = []
-
-
-def _prestart_prefect() -> _TemporaryPrefect | None:
-    """The temporary server of this process (started on the first call), or None when PREFECT_API_URL is given."""
-    if _SERVER:
-        return _SERVER[0]
-    # The CLI calls this before anything imports Prefect, whose settings are read once at import.
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-    server = _TemporaryPrefect()
-    server.start()
-    _SERVER.append(server)
-    return server
-
-
 def _prefect_home_ready() -> bool:
     """True when Prefect's home does not depend on the config (else it goes under the config's work dir)."""
     home = Path.home()
     return "PREFECT_HOME" in os.environ or os.access(home if home.exists() else home.parent, os.W_OK)
 
 
-def _join(server: _TemporaryPrefect | None) -> None:
+def _join(server: TemporaryPrefect | None) -> None:
     if server is not None:
         server.wait()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    starting = _prestart_prefect()
+    starting = prestart_prefect()
     tracking = _check_tracking(cfg)  # a dead tracking server fails here, before any compute
     # Importing builds the flows (stage modules, Prefect) while the temporary server starts.
     from flows.pipeline import pipeline_flow
@@ -197,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    starting = _prestart_prefect()
+    starting = prestart_prefect()
     tracking = _check_tracking(cfg)
     # Importing builds the flows (stage modules, Prefect) while the temporary server starts.
     from flows.stage_flow import STAGE_FLOWS
@@ -455,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if debug:
         os.environ[DEBUG_ENV] = "1"  # read by the Prefect log filter (flows.prefect_ui), here and in flow runs
     if argv[:1] in (["run"], ["stage"]) and not {"-h", "--help"} & set(argv) and _prefect_home_ready():
-        _prestart_prefect()  # before the parser imports torch (llm.cli): the server boots meanwhile
+        prestart_prefect()  # before the parser imports torch (llm.cli): the server boots meanwhile
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

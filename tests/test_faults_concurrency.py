@@ -53,3 +53,27 @@ def test_two_cli_runs_of_one_config_at_once_compute_each_stage_once(tmp_path: Pa
     assert len(versions) == 1, f"{len(versions)} registered versions"
     assert versions[0].tags["llm.stage_run"] == c.search_runs([exp], "tags.`llm.stage` = 'ppo'")[0].info.run_id
     print(f"two concurrent smoke pipelines took {wall:.0f} s")
+
+
+@pytest.mark.timeout(600)
+def test_temporary_servers_started_at_once_on_one_fresh_prefect_home_both_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both servers would migrate the fresh database at once ("duplicate column"): the second spawns only after
+    the first answers."""
+    from flows.temp_prefect import TemporaryPrefect
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    first, second = TemporaryPrefect(), TemporaryPrefect()
+    try:
+        first.start()
+        second.start()
+        assert first.proc is not None and second.proc is None  # the second waits for the first's start
+        first.wait()
+        second.wait()
+        assert second.proc is not None and second.proc.poll() is None and first.proc.poll() is None
+        assert first.api != second.api
+    finally:
+        first.stop()
+        second.stop()
