@@ -35,6 +35,9 @@ TAG_MODEL_SHA = "llm.model_sha256"  # on a model version: content hash of that f
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "tokenizers==0.23.3", "safetensors==0.8.0"]
 
 
+CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 16}
+
+
 def _existing_version(tracking: Tracking, name: str, final: StageOutcome, sha: str) -> str | None:
     """A version of `name` that already holds this model (same content, or made from the same run)."""
     try:
@@ -81,15 +84,19 @@ def register_final_model(
             f"---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# {name}\n\n"
             f"Aligned policy trained by llm-pipeline: {final.stage} run {final.run_id}, pipeline run {parent_run_id}.\n"
         )
-        with mlflow.start_run(run_id=parent_run_id, nested=True):
-            return mlflow.transformers.log_model(
-                {"model": model, "tokenizer": tokenizer},
-                name="model",
-                task="text-generation",
-                pip_requirements=PIP_REQUIREMENTS,
-                model_card=card,
-                metadata={TAG_MODEL_FROM: final.run_id},
-            )
+        # Logged into the stage run that trained it (left FINISHED: `run_id`, not a reopened run), as an MLflow
+        # chat model: the llm/v1/chat task gives it the OpenAI-style messages signature, so the registry UI and
+        # `mlflow models serve` take {"messages": [...]} and answer with a chat completion.
+        return mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="llm/v1/chat",
+            input_example=CHAT_EXAMPLE,
+            pip_requirements=PIP_REQUIREMENTS,
+            model_card=card,
+            metadata={TAG_MODEL_FROM: final.run_id, "llm.pipeline_run": parent_run_id},
+            run_id=final.run_id,
+        )
 
     info = call_with_retry(log_model, "log model", 300)
     # Register with the dedupe tags in the same call, so a crash cannot leave an untagged (duplicable) version.

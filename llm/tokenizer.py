@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -95,6 +95,11 @@ def save_dir(tok: _HFTokenizer, out_dir: str | Path, model_max_length: int = 1 <
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # transformers (which applies the post-processor unless told not to) then starts plain text with BOS, as
+    # `llm-pipeline generate` and the chat template do, so both give the same tokens. Its apply_chat_template
+    # tokenizes without special tokens, so a chat keeps the template's single BOS; this module never adds them.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
     tok.save(str(out / "tokenizer.json"))
     specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     config = {
@@ -102,7 +107,6 @@ def save_dir(tok: _HFTokenizer, out_dir: str | Path, model_max_length: int = 1 <
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
         "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END],
-        "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,

@@ -89,7 +89,7 @@ def test_tiny_pipeline_end_to_end_then_cached_then_forced(tmp_path: Path) -> Non
     assert any(a.path == "hf/config.json" for a in c.list_artifacts(by_stage["ppo"].info.run_id, "hf"))
     assert by_stage["sft"].data.tags["llm.upstream.pretrain"] == by_stage["pretrain"].info.run_id
     (v1,) = c.search_model_versions(f"name='{MODEL}'")
-    assert v1.run_id == parent.info.run_id and v1.tags["llm.stage_run"] == by_stage["ppo"].info.run_id
+    assert v1.run_id == v1.tags["llm.stage_run"] == by_stage["ppo"].info.run_id  # logged from the PPO run
     first = _hashes(c, [r.info.run_id for r in children])
 
     # nothing changed: no stage executes, everything is reused, no new model version, and it is quick
@@ -118,12 +118,25 @@ def test_tiny_pipeline_end_to_end_then_cached_then_forced(tmp_path: Path) -> Non
         card = ModelCard.load(path)
         assert stage in card.data.tags and role in card.text and "## Intended use" in card.text, card.text[:500]
         assert "## Evaluation (held-out)" in card.text, f"{stage}'s card lists no held-out metrics"
+    _check_transformers_parity(c, by_stage, tmp_path)
     # the registered model carries the promotion gate's alias, and is usable by it
     (alias,) = c.get_model_version(MODEL, "1").aliases
     assert alias in ("champion", "candidate") and f"alias      {alias}" in r2.stdout
     r = subprocess.run([*base, "generate", "--model", f"models:/{MODEL}@{alias}", "--prompt", "What is 2 + 3?", "--chat",
                         "--max-new-tokens", "4"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    import mlflow
+
+    from flows.pipeline_runner import CHAT_EXAMPLE
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")  # the registry lives there too
+    try:
+        local = mlflow.artifacts.download_artifacts(f"models:/{MODEL}@{alias}", dst_path=str(tmp_path / "registered"))
+    finally:
+        mlflow.set_tracking_uri(before)
+    (answer,) = mlflow.pyfunc.load_model(local).predict(CHAT_EXAMPLE)  # what `mlflow models serve` answers
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["role"] == "assistant"
     _run_readme_examples(base, tmp_path, env, by_stage["pretrain"].info.run_id, by_stage["ppo"].info.run_id)
 
     # issue 7 item 9: executing every stage again gives byte-identical artifacts and no duplicate model version
@@ -153,6 +166,42 @@ def _check_report_card(c: Any, pid: str, by_stage: dict[str, Any], stdout: str, 
     for metric, values in card["models"].items():
         assert values == {m: by_stage[st].data.metrics[metric] for m, st in models.items()}, metric
     assert "Report card" in stdout and "aligned - SFT" in stdout
+
+
+def _check_transformers_parity(c: Any, by_stage: dict[str, Any], tmp: Path) -> None:
+    """Plain transformers on each exported model (base, SFT, aligned) gives the greedy tokens of
+    `llm-pipeline generate` (llm.cli), on a plain-text prompt and on a chat prompt, each with one BOS."""
+    import contextlib
+    import io
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm import cli as llm_cli
+
+    for stage in ("pretrain", "sft", "ppo"):
+        folder = Path(c.download_artifacts(by_stage[stage].info.run_id, "hf", str(tmp / f"parity-{stage}")))
+        tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder).eval()
+        stops = {tok.convert_tokens_to_ids(t) for t in ("<|eos|>", "<|end|>")}  # where llm-pipeline stops
+        for prompt, chat in (("Sam has a", False), ("What is 2 + 3?", True)):
+            if chat:
+                enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                              return_dict=True, return_tensors="pt")
+            else:
+                enc = tok(prompt, return_tensors="pt")
+            assert enc["input_ids"][0].tolist().count(tok.bos_token_id) == 1, (stage, prompt)
+            with torch.no_grad():
+                out = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+            new = out[0, enc["input_ids"].shape[1]:].tolist()
+            new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+            stdout, stderr = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                rc = llm_cli.main(["generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "12",
+                                   "--device", "cpu", *(["--chat"] if chat else [])])
+            assert rc == 0, stderr.getvalue()[-2000:]
+            assert f"[{len(new)} tokens in" in stderr.getvalue(), (stage, prompt, new, stderr.getvalue()[-500:])
+            shown = "" if chat else prompt
+            assert stdout.getvalue() == shown + tok.decode(new) + "\n", (stage, prompt, stdout.getvalue(), new)
 
 
 def _run_readme_examples(base: list[str], tmp: Path, env: dict[str, str], pretrain_run: str, ppo_run: str) -> None:

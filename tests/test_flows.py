@@ -219,8 +219,14 @@ def test_pipeline_flow_parent_child_runs_registry_and_cached_rerun(tmp_path: Pat
     assert all(r.info.status == "FINISHED" for r in children)
     assert parent.data.metrics["ppo/eval/score"] == 1.0
     versions = c.search_model_versions("name='fake-assistant'")
-    assert len(versions) == 1 and versions[0].run_id == res["run_id"], "the pipeline run is the model's source"
-    assert versions[0].tags["llm.stage_run"] == parent.data.tags["llm.stage_run.ppo"]
+    ppo_run = parent.data.tags["llm.stage_run.ppo"]
+    assert len(versions) == 1 and versions[0].run_id == ppo_run, "the PPO run that trained it is the model's source"
+    assert versions[0].tags["llm.stage_run"] == ppo_run and c.get_run(ppo_run).info.status == "FINISHED"
+    import mlflow
+
+    info = mlflow.models.get_model_info("models:/fake-assistant/1")  # a chat model to the registry and serving
+    assert info.metadata["task"] == "llm/v1/chat" and "messages" in info.signature.inputs.input_names()
+    assert info.saved_input_example_info is not None
     assert res["model_version"] == "1" and res["model_version_created"]
     # the fake ppo stage measures no held-out exact match or KL: the gate cannot vouch for it
     assert res["model_alias"] == "candidate" and "exact match not measured" in res["promotion"]

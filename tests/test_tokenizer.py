@@ -141,8 +141,13 @@ def test_transformers_loads_it_like_llm(tok, tok_dir, hf_tok):
     assert hf_tok.is_fast
     texts = [t for t in ODD_TEXTS if "<|" not in t] + list(corpus.pretraining_documents(5, 20))
     for t in texts:
-        assert hf_tok(t)["input_ids"] == tok.encode(t)  # no BOS/EOS added automatically on either path
+        # transformers adds BOS as pretraining did (and as `llm-pipeline generate` does); ours encodes bare text
+        assert hf_tok(t)["input_ids"] == [tok.bos_id, *tok.encode(t)]
+        assert hf_tok(t, add_special_tokens=False)["input_ids"] == tok.encode(t)
         assert hf_tok.decode(tok.encode(t)) == t
+    chat = [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "7"}]
+    ids = hf_tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == tok.apply_chat_template(chat) and ids.count(tok.bos_id) == 1  # one BOS in a chat
     cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
     assert cfg["chat_template"] == CHAT_TEMPLATE and "{% generation %}" in CHAT_TEMPLATE
 
