@@ -36,7 +36,7 @@ def make_pipeline_flow(
     def pipeline_flow(config: Any = None, force: bool = False) -> dict[str, Any]:
         return run_pipeline(config if config is not None else model(), flows_, specs, force)
 
-    pipeline_flow.__doc__ = """Run every stage in order (ingest, tokenizer, pretrain, sft, reward, ppo) under one MLflow
+    pipeline_flow.__doc__ = """Run every stage in order (ingest, tokenizer, pretrain, sft, reward, ppo, evaluate) under one MLflow
     run, reusing unchanged stages, and register the aligned model.
 
     Args:

@@ -25,6 +25,8 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "sft": ("eval/exact_match",),
     "reward": ("eval/pairwise_accuracy", "eval/reward_margin"),
     "ppo": ("eval/reward_mean", "eval/sft_reward_mean", "eval/kl", "eval/exact_match"),
+    "evaluate": ("lm_eval/base/world_qa/exact_match", "lm_eval/sft/world_qa/exact_match",
+                 "lm_eval/aligned/world_qa/exact_match", "lm_eval/sft/world_mc/acc"),
 }
 KEY_METRICS_SHOWN = 5
 

@@ -68,7 +68,19 @@ def build_report(tracking: Tracking, outcomes: Sequence[StageOutcome], pipeline_
         if len(values) >= 2:
             deltas[metric] = values
     return {"pipeline_run_id": pipeline_run_id, "registered_model": model, "promotion": promotion,
-            "price_per_device_hour": price_per_device_hour, "stages": stages, "models": deltas}
+            "price_per_device_hour": price_per_device_hour, "stages": stages, "models": deltas,
+            "lm_eval": _lm_eval_table(by.get("evaluate", {}))}
+
+
+def _lm_eval_table(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """The evaluate stage's `lm_eval/<model>/<task>/<metric>` as {"<task>/<metric>": {"base": v, "SFT": v, ...}}."""
+    labels = {"base": "base", "sft": "SFT", "aligned": "aligned"}
+    table: dict[str, dict[str, float]] = {}
+    for key, v in sorted(metrics.items()):
+        parts = key.split("/", 2)
+        if len(parts) == 3 and parts[0] == "lm_eval" and parts[1] in labels and not key.endswith("_stderr"):
+            table.setdefault(parts[2], {})[labels[parts[1]]] = v
+    return table
 
 
 def _num(v: float | None, fmt: str = ".4g") -> str:
@@ -98,6 +110,12 @@ def render_markdown(card: Mapping[str, Any], curves: Sequence[str] = ()) -> str:
         lines += ["", "What each stage bought (held-out, greedy):", "",
                   "| metric | base | SFT | aligned | SFT - base | aligned - SFT |", "|---|---|---|---|---|---|"]
         for metric, v in card["models"].items():
+            lines.append(f"| {metric} | {_num(v.get('base'))} | {_num(v.get('SFT'))} | {_num(v.get('aligned'))} | "
+                         f"{_change(v, 'base', 'SFT')} | {_change(v, 'SFT', 'aligned')} |")
+    if card.get("lm_eval"):
+        lines += ["", "Standard evaluation (lm-evaluation-harness, the evaluate stage):", "",
+                  "| task / metric | base | SFT | aligned | SFT - base | aligned - SFT |", "|---|---|---|---|---|---|"]
+        for metric, v in card["lm_eval"].items():
             lines.append(f"| {metric} | {_num(v.get('base'))} | {_num(v.get('SFT'))} | {_num(v.get('aligned'))} | "
                          f"{_change(v, 'base', 'SFT')} | {_change(v, 'SFT', 'aligned')} |")
     if curves:

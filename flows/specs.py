@@ -53,6 +53,12 @@ STAGES: tuple[StageSpec, ...] = (
         "stages.ppo",
         {"policy": ("sft", "hf"), "reward_model": ("reward", "hf"), "tasks": ("ingest", "tasks")},
     ),
+    StageSpec(
+        "evaluate",
+        "stages.harness",
+        {"base": ("pretrain", "hf"), "sft": ("sft", "hf"), "aligned": ("ppo", "hf"), "tasks": ("ingest", "tasks")},
+        optional=frozenset({"tasks"}),
+    ),
 )
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

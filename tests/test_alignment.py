@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from posttrain_helpers import make_model, make_tasks, make_tokenizer
 
-from stages import ppo, reward, sft
+from stages import harness, ppo, reward, sft
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,8 @@ def trained(tmp_path_factory):
     inputs = {"policy": policy.outputs["hf"], "reward_model": rm.outputs["hf"], "tasks": tasks}
     aligned = ppo.run(ppo.Config(learning_rate=PPO_LR, **PPO), inputs, root / "ppo")
     noop = ppo.run(ppo.Config(learning_rate=1e-12, **PPO), inputs, root / "noop")
-    return policy.metrics, rm.metrics, aligned.metrics, noop.metrics
+    models = {"base": root / "base", "sft": policy.outputs["hf"], "aligned": aligned.outputs["hf"], "tasks": tasks}
+    return policy.metrics, rm.metrics, aligned.metrics, noop.metrics, models
 
 
 PPO_LR = 3e-4
@@ -63,3 +64,29 @@ def test_ppo_moves_behaviour_where_a_no_op_does_not(trained):
     assert aligned["eval/reward_gain"] > 3 * aligned["eval/reward_gain_se"]
     assert aligned["eval/reward_gain"] > noop["eval/reward_gain"] + 3 * aligned["eval/reward_gain_se"]
     assert aligned["eval/kl"] > 10 * max(noop["eval/kl"], 1e-6)
+
+
+def test_evaluate_stage_scores_the_three_models_with_lm_eval_offline(trained, tmp_path, monkeypatch):
+    """The evaluate stage on the built-in local tasks: lm-eval's numbers for base, SFT and aligned, the SFT model
+    above the untrained base on both, all without a network (the stage sets the HF offline switches itself)."""
+    import json
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    res = harness.run(harness.Config(n_samples=4), trained[4], tmp_path / "evaluate")
+    m = res.metrics
+    for model in ("base", "sft", "aligned"):
+        assert {f"lm_eval/{model}/world_qa/exact_match", f"lm_eval/{model}/world_mc/acc",
+                f"lm_eval/{model}/world_mc/acc_stderr"} <= set(m), sorted(m)
+    # this fixture's SFT policy is weak (seconds of training), but clearly above a random base model
+    sft_em, base_em = m["lm_eval/sft/world_qa/exact_match"], m["lm_eval/base/world_qa/exact_match"]
+    assert sft_em > base_em + 2 * m["lm_eval/sft/world_qa/exact_match_stderr"]
+    assert m["lm_eval/sft/world_mc/acc"] > m["lm_eval/base/world_mc/acc"]
+    # the same numbers as the greedy held-out exact match the SFT stage measured, give or take the scoring rules
+    assert abs(m["lm_eval/sft/world_qa/exact_match"] - trained[0]["eval/exact_match"]) < 0.15
+    saved = json.loads((res.outputs["results"] / "results.json").read_text())
+    assert saved["sft"]["results"]["world_qa"]["exact_match,none"] == m["lm_eval/sft/world_qa/exact_match"]
+    assert (res.outputs["results"] / "tasks" / "world_mc.yaml").is_file() and res.plots["lm_eval"].is_file()
+    assert res.samples and {"question", "expected", "base", "sft", "aligned"} <= set(res.samples[0])
+    assert "HF_DATASETS_OFFLINE" not in __import__("os").environ  # restored after the run
+    again = harness.run(harness.Config(n_samples=4), trained[4], tmp_path / "evaluate")  # unchanged: reused
+    assert again.metrics == m

@@ -339,7 +339,7 @@ def check_mlflow(page, steps: Steps, pipeline_run_url: str, mlflow_url: str, exp
     with steps.step("pipeline parent run with its stage runs"):
         page.goto(f"{mlflow_url}/#/experiments/{exp_id}/runs/{parent_id}?workflowType=machine_learning")
         expect(page.get_by_role("heading", name="pipeline", level=2)).to_be_visible()
-        for stage in ("ingest", "tokenizer", "pretrain", "sft", "reward", "ppo"):
+        for stage in ("ingest", "tokenizer", "pretrain", "sft", "reward", "ppo", "evaluate"):
             expect(page.get_by_role("link", name=stage, exact=True).first).to_be_visible()
     with steps.step("runs table"):
         page.goto(f"{mlflow_url}/#/experiments/{exp_id}/runs?workflowType=machine_learning")

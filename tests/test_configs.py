@@ -23,7 +23,7 @@ def test_the_three_named_configs_ship() -> None:
 def test_shipped_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.pipeline.experiment and cfg.pipeline.registered_model
-    for section in ("ingest", "tokenizer", "pretrain", "sft", "reward", "ppo"):
+    for section in ("ingest", "tokenizer", "pretrain", "sft", "reward", "ppo", "evaluate"):
         assert getattr(cfg, section) is not None
 
 

@@ -27,6 +27,7 @@ EXPECTED_METRICS = {
     "sft": {"eval/exact_match"},
     "reward": {"eval/pairwise_accuracy", "eval/reward_margin"},
     "ppo": {"eval/reward_mean", "eval/sft_reward_mean", "eval/kl", "eval/exact_match"},
+    "evaluate": {f"lm_eval/{m}/{t}" for m in ("base", "sft", "aligned") for t in ("world_qa/exact_match", "world_mc/acc")},
 }
 MODEL = "smoke-assistant"
 README = ROOT / "README.md"
@@ -78,7 +79,7 @@ def test_tiny_pipeline_end_to_end_then_cached_then_forced(tmp_path: Path) -> Non
     children = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_stage = {r.data.tags["llm.stage"]: r for r in children}
     _check_report_card(c, parent.info.run_id, by_stage, r1.stdout, tmp_path)
-    assert sorted(by_stage) == sorted(EXPECTED_METRICS) and len(children) == 6
+    assert sorted(by_stage) == sorted(EXPECTED_METRICS) and len(children) == len(EXPECTED_METRICS)
     for stage, run in by_stage.items():
         assert run.info.status == "FINISHED", stage
         missing = EXPECTED_METRICS[stage] - set(run.data.metrics)
@@ -165,7 +166,12 @@ def _check_report_card(c: Any, pid: str, by_stage: dict[str, Any], stdout: str, 
     assert {"eval/exact_match", "eval/refusal_rate/harmful"} <= set(card["models"])
     for metric, values in card["models"].items():
         assert values == {m: by_stage[st].data.metrics[metric] for m, st in models.items()}, metric
-    assert "Report card" in stdout and "aligned - SFT" in stdout
+    evaluate = by_stage["evaluate"].data.metrics
+    assert {"world_qa/exact_match", "world_mc/acc"} <= set(card["lm_eval"])
+    for metric, values in card["lm_eval"].items():
+        assert values == {m: evaluate[f"lm_eval/{k}/{metric}"] for m, k in (("base", "base"), ("SFT", "sft"),
+                                                                           ("aligned", "aligned"))}, metric
+    assert "Report card" in stdout and "aligned - SFT" in stdout and "lm-evaluation-harness" in stdout
 
 
 def _check_transformers_parity(c: Any, by_stage: dict[str, Any], tmp: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-STAGES = ("ingest", "tokenizer", "pretrain", "sft", "reward", "ppo")
+STAGES = ("ingest", "tokenizer", "pretrain", "sft", "reward", "ppo", "evaluate")
 MODEL = "smoke-assistant"
 
 
