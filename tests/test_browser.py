@@ -350,6 +350,11 @@ def check_mlflow(page, steps: Steps, pipeline_run_url: str, mlflow_url: str, exp
         page.get_by_role("link", name=REGISTERED_MODEL).first.click()
         dismiss_promotion(page)
         expect(page.get_by_role("link", name=re.compile(r"Version 1")).first).to_be_visible()
+    with steps.step("model version: promotion alias and chat signature"):
+        page.get_by_role("link", name=re.compile(r"Version 1")).first.click()
+        dismiss_promotion(page)
+        expect(page.get_by_text(re.compile(r"^(champion|candidate)$")).first).to_be_visible()
+        expect(page.get_by_text("messages", exact=True).first).to_be_visible()  # the llm/v1/chat input
 
 
 def dismiss_promotion(page) -> None:
