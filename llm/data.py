@@ -147,14 +147,45 @@ def data_fingerprint(tokens_dir: str | Path) -> str:
     return sha256_file(path)
 
 
-# Shards already hashed by this process, keyed by identity: an eval loop re-opening the val split every few
-# hundred steps should not re-read it each time. Any later write changes the file's mtime, so a shard damaged
-# after its check is still caught.
+# Shards already hashed, keyed by identity: an eval loop re-opening the val split every few hundred steps should
+# not re-read it each time, nor should the other ranks of a machine (at 10B tokens, ~20 GB of reading per rank).
+# Any later write changes the file's mtime, so a shard damaged after its check is still caught.
 _verified: set[tuple[str, int, int, str]] = set()
 
 
+def _stamp_dir() -> Path:
+    """Where this machine remembers verified shards (one empty file per shard identity), per user."""
+    import tempfile
+
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(os.environ.get("LLM_VERIFIED_SHARDS_DIR") or Path(tempfile.gettempdir()) / f"llm-verified-{uid}")
+
+
+def _verify_once(p: Path, key: tuple[str, int, int, str], folder: Path) -> None:
+    """Hash shard `p` unless a process of this machine already did for this identity; one hashes, others wait."""
+    stamp = _stamp_dir() / hashlib.sha256(json.dumps(key).encode()).hexdigest()
+    if stamp.exists():
+        return
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    with open(stamp.with_suffix(".lock"), "a") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        except ImportError:  # no advisory locks: every process hashes for itself
+            pass
+        if stamp.exists():
+            return
+        if sha256_file(p) != key[3]:
+            raise DataError(f"token shard {p} is corrupt (sha256 differs from {folder / MANIFEST}); "
+                            f"rerun the tokenizer stage.")
+        if time.time_ns() - key[2] > 2_000_000_000:  # a rewrite within the same coarse mtime tick would keep
+            stamp.touch()  # the key: only settled files are remembered
+
+
 def verify_shards(tokens_dir: str | Path, manifest: dict | None = None, split: str | None = None) -> None:
-    """Check every shard's size and sha256 against the manifest; raise DataError naming the first bad one."""
+    """Check every shard's size and sha256 against the manifest; raise DataError naming the first bad one.
+    Each shard is hashed once per machine (and remembered per process), not once per rank."""
     folder = Path(tokens_dir)
     manifest = manifest or read_manifest(folder)
     for s in manifest["shards"]:
@@ -170,11 +201,9 @@ def verify_shards(tokens_dir: str | Path, manifest: dict | None = None, split: s
         key = (str(p.resolve()), st.st_size, st.st_mtime_ns, s["sha256"])
         if key in _verified:
             continue
-        if sha256_file(p) != s["sha256"]:
-            raise DataError(f"token shard {p} is corrupt (sha256 differs from {folder / MANIFEST}); "
-                            f"rerun the tokenizer stage.")
-        if time.time_ns() - st.st_mtime_ns > 2_000_000_000:  # a rewrite within the same coarse mtime tick
-            _verified.add(key)  # would keep the key: only settled files are remembered
+        _verify_once(p, key, folder)
+        if time.time_ns() - st.st_mtime_ns > 2_000_000_000:
+            _verified.add(key)
 
 
 class TokenDataset:

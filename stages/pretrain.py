@@ -34,6 +34,7 @@ from stages.common import (
     require_path,
     sha256_tree,
 )
+from stages.launch import FileTracker, LaunchSettings, launch, should_launch
 from stages.model_card import settings_of, write_model_card
 from stages.reuse import finished, mark_finished, work_key
 
@@ -68,7 +69,7 @@ class _ModelChoice(BaseModel):
 _Training = create_model("_Training", __base__=_ModelChoice, __module__=__name__, **_train_fields())
 
 
-class Config(_Training):
+class Config(_Training, LaunchSettings):
     """The model to build, every TrainConfig setting (seq_len None: the model's context), and the stage's own
     sampling and evaluation settings."""
 
@@ -208,6 +209,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     plot_path = out_dir / "loss_curve.png"
     if (done := finished(out_dir, key, outputs, plots={"loss_curve": plot_path})) is not None:
         return done
+    if should_launch(cfg):
+        return _launch(cfg, job, inputs, out_dir, tracker, key, outputs, plot_path)
     report = _Report(tracker)
     result, n_params = _train(cfg, job, out_dir / "train_checkpoints", report)
     metrics = _metrics(result, n_params)
@@ -227,6 +230,36 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
         mark_finished(out_dir, key, StageResult(outputs=outputs, metrics=metrics, samples=samples))
     D.barrier(job.info)
     return StageResult(outputs=outputs, metrics=metrics, samples=samples, plots=plots)
+
+
+def _launch(cfg: Config, job: _Job, inputs: dict[str, Path], out_dir: Path, tracker: Tracker, key: str,
+            outputs: dict[str, Path], plot_path: Path) -> StageResult:
+    """Train on cfg.world_size worker processes (stages.launch); rank 0 leaves the result this process returns."""
+    try:
+        job.train_cfg.grad_accum_steps(cfg.world_size)
+    except ValueError as e:
+        raise StageError(f"pretrain config: {str(e).replace('TrainConfig.', 'pretrain.')}") from e
+    launch(cfg, out_dir, tracker, _launched_worker, cfg.model_dump_json(),
+           {k: str(v) for k, v in inputs.items()}, str(out_dir))
+    if cfg.node_rank != 0:  # the outputs are node 0's
+        return StageResult(outputs=outputs)
+    if (done := finished(out_dir, key, outputs, plots={"loss_curve": plot_path})) is None:
+        raise StageError(f"the pretrain workers ended without writing the result under {out_dir}; see their log")
+    return done
+
+
+def _launched_worker(cfg_json: str, inputs: dict[str, str], out_dir: str, metrics_path: str) -> None:
+    """One rank of a run launched by the stage: rank 0 reports through the metrics file, the others log nothing."""
+    from llm import distributed as D
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = Config.model_validate_json(cfg_json)
+    pids = Path(out_dir) / ".launch"  # which process is which rank, for whoever has to inspect or stop one
+    pids.mkdir(parents=True, exist_ok=True)
+    (pids / f"rank{os.environ.get('RANK', '0')}.pid").write_text(f"{os.getpid()}\n")
+    tracker = FileTracker(metrics_path) if os.environ.get("RANK") == "0" else NullTracker()
+    run(cfg, {k: Path(v) for k, v in inputs.items()}, Path(out_dir), tracker)
+    D.destroy()  # leave the process group before the launcher collects the return value
 
 
 class _Report:
@@ -314,6 +347,7 @@ def _metrics(result: Any, n_params: int) -> dict[str, float]:
         "train/skipped_steps": float(result.skipped_steps),
         "train/seconds": result.seconds,
         "params": float(n_params),
+        "train/resumed_from": float(result.resumed_from),  # the checkpoint step a rerun went on from (0: none)
     }
     if result.losses:
         tail = [x for _, x in result.losses[-20:] if math.isfinite(x)]

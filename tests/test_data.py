@@ -192,3 +192,32 @@ def test_verification_is_cached_but_still_catches_later_damage(tokens):
     shard.write_bytes(bytes(raw))  # a new mtime: the cached check no longer applies
     with pytest.raises(data.DataError, match="train-00000.bin is corrupt"):
         data.verify_shards(path)
+
+
+def test_each_shard_is_hashed_once_per_machine_not_once_per_process(tokens, tmp_path, monkeypatch):
+    import os
+    import time
+
+    path, _ = tokens
+    monkeypatch.setenv("LLM_VERIFIED_SHARDS_DIR", str(tmp_path / "stamps"))
+    old = time.time() - 60
+    for f in path.glob("*.bin"):
+        os.utime(f, (old, old))
+    data.verify_shards(path)  # the first process of the machine (say LOCAL_RANK 0) reads every shard
+    assert len(list((tmp_path / "stamps").iterdir())) >= len(list(path.glob("*.bin")))
+    data._verified.clear()  # another process on the same machine: nothing remembered in memory
+
+    def no_reading(p):
+        raise AssertionError(f"{p} was hashed again")
+
+    monkeypatch.setattr(data, "sha256_file", no_reading)
+    data.verify_shards(path)
+    monkeypatch.undo()
+    monkeypatch.setenv("LLM_VERIFIED_SHARDS_DIR", str(tmp_path / "stamps"))
+    shard = path / "train-00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 1
+    shard.write_bytes(bytes(raw))  # damaged later: a new identity, so it is read again and caught
+    data._verified.clear()
+    with pytest.raises(data.DataError, match="train-00000.bin is corrupt"):
+        data.verify_shards(path)
