@@ -4,7 +4,7 @@
     llm-pipeline run   [--config FILE] [--set section.key=value ...] [--force]
     llm-pipeline stage NAME [--from-run RUN_ID | stage=RUN_ID ...] [--config FILE] [--set ...] [--force]
     llm-pipeline generate REF ... / export REF ...   (REF: a folder, an MLflow run id, or models:/name/version)
-    llm-pipeline up / serve                            (local Prefect + MLflow servers, UI deployments)
+    llm-pipeline up / serve / deploy                   (local Prefect + MLflow servers, UI deployments, work pools)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.deploy import deployment_name, serve
+from flows.deploy import deploy, deployment_name, serve
 from flows.specs import DEBUG_ENV, DEFAULT_CONFIG, STAGES, default_config
 from flows.supervisor import (
     DEFAULT_HOST,
@@ -222,6 +222,7 @@ def add_server_commands(subparsers: Any) -> None:
     _add_up(subparsers)
     _add_down(subparsers)
     _add_serve(subparsers)
+    _add_deploy(subparsers)
 
 
 def _add_up(subparsers: Any) -> None:
@@ -325,6 +326,28 @@ def _add_serve(subparsers: Any) -> None:
             )
         )
     )  # fmt: skip
+
+
+def _add_deploy(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "deploy",
+        help="deploy the pipeline and every stage to Prefect work pools (a CPU pool and a GPU pool) for workers",
+        description="Create the work pools (process type) and register the pipeline and every stage as "
+        "deployments in them: ingest, tokenizer and the pipeline flow on the CPU pool, the other stages on the GPU "
+        "pool, whose concurrency limit is one run per GPU machine. `prefect worker start --pool NAME` on each "
+        "machine runs them; the pipeline deployment hands each stage to its pool and waits.",
+    )
+    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
+                   help="where `llm-pipeline up` recorded its servers, used when the env vars are unset (default %(default)s)")  # fmt: skip
+    p.add_argument("--config", type=Path, default=None, help="pipeline config the deployments start from")
+    _add_set(p, "override one config value in those defaults; repeatable")
+    p.add_argument("--name", default=None, help="deployment name (default: the config file's name)")
+    p.add_argument("--cpu-pool", default="cpu", help="work pool of ingest, tokenizer and the pipeline flow")
+    p.add_argument("--gpu-pool", default="gpu", help="work pool of pretrain, sft, reward, ppo and evaluate")
+    p.add_argument("--gpu-slots", type=int, default=1,
+                   help="flow runs the GPU pool runs at once: one per GPU machine (default %(default)s)")
+    p.set_defaults(func=lambda a: deploy(a.work_dir, a.name or deployment_name(a.config), a.config, a.overrides,
+                                         a.cpu_pool, a.gpu_pool, a.gpu_slots))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,18 +85,9 @@ def pipeline_flows() -> dict[str, Any]:
     return {"pipeline": pipeline_flow, **STAGE_FLOWS}
 
 
-def serve(
-    work_dir: Path = DEFAULT_WORK_DIR,
-    name: str = "default",
-    limit: int = 1,
-    flows: dict[str, Any] | None = None,
-    parameters: dict[str, dict[str, Any]] | None = None,
-    config: Path | None = None,
-    overrides: list[str] | None = None,
-    out: Any = None,
-) -> int:
-    """Register the deployments against the Prefect server and run their flow runs here until Ctrl-C."""
-    out = out or sys.stdout
+def _connect(work_dir: Path, out: Any) -> tuple[str, dict[str, Any]]:
+    """The Prefect server's API URL (checked to answer) and the Prefect settings to run against it; the client
+    environment is exported to this process, so flow-run subprocesses (and MLflow in them) get it too."""
     env = resolve_server_env(work_dir)
     if "PREFECT_API_URL" not in env:
         raise ServerError(
@@ -114,29 +105,74 @@ def serve(
             "start `llm-pipeline up` for an MLflow server.",
             file=out,
         )
-    # The environment reaches the flow-run subprocesses (and MLflow in them); Prefect may already have read its
-    # settings in this process, so they are also overridden explicitly.
+    # Prefect may already have read its settings in this process, so they are also overridden explicitly.
     os.environ.update(env)
-    from prefect import serve as prefect_serve
-    from prefect.settings import temporary_settings
-
     updates: dict[str, Any] = {"api.url": api}
     if not os.environ.get("PREFECT_CLIENT_MAX_RETRIES"):
         # Through the settings, the flow-run processes `serve` starts get it too.
         updates["client.max_retries"] = CLIENT_MAX_RETRIES
     if env.get("PREFECT_API_AUTH_STRING"):
         updates["api.auth_string"] = env["PREFECT_API_AUTH_STRING"]
+    return api, updates
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> Any:
+    from flows.config import load_config
+
+    config = config if config is not None else default_config()
+    try:
+        return load_config(config, overrides)
+    except Exception as e:  # flows.config.ConfigError: a StageError naming the file and key
+        raise ServerError(str(e)) from None
+
+
+def deploy(work_dir: Path = DEFAULT_WORK_DIR, name: str = "default", config: Path | None = None,
+           overrides: list[str] | None = None, cpu_pool: str = "cpu", gpu_pool: str = "gpu", gpu_slots: int = 1,
+           out: Any = None) -> int:
+    """The pipeline and every stage as deployments in two work pools (flows.pools); workers run them."""
+    from prefect.settings import temporary_settings
+
+    from flows.pools import deploy_to_pools, ensure_pools
+
+    out = out or sys.stdout
+    if gpu_slots < 1:
+        raise ServerError(f"--gpu-slots {gpu_slots}: give the number of GPU machines (at least 1).")
+    api, updates = _connect(work_dir, out)
+    flows = pipeline_flows()
+    cfg = _load(config, [*(overrides or []), "pipeline.dispatch=deployments", f"pipeline.deployment={name}"])
+    with temporary_settings(updates=updates):
+        ensure_pools(cpu_pool, gpu_pool, gpu_slots)
+        built = build_deployments(flows, name, config_parameters(cfg, flows), tags=["llm-pipeline"])
+        placed = deploy_to_pools(dict(zip(flows, built, strict=True)), cpu_pool, gpu_pool)
+    ui = api[: -len("/api")] if api.endswith("/api") else api
+    print(f"Deployed to {api}:", file=out)
+    for key, pool in placed.items():
+        print(f"  {key}/{name:<20} work pool {pool}", file=out)
+    print(f"Work pool {gpu_pool} runs at most {gpu_slots} flow run(s) at once (one per GPU machine). Start a worker "
+          f"on each machine:\n  prefect worker start --pool {cpu_pool}\n  prefect worker start --pool {gpu_pool} "
+          f"--limit 1\nthen run Deployments -> pipeline/{name} from the UI: {ui}/deployments", file=out, flush=True)
+    return 0
+
+
+def serve(
+    work_dir: Path = DEFAULT_WORK_DIR,
+    name: str = "default",
+    limit: int = 1,
+    flows: dict[str, Any] | None = None,
+    parameters: dict[str, dict[str, Any]] | None = None,
+    config: Path | None = None,
+    overrides: list[str] | None = None,
+    out: Any = None,
+) -> int:
+    """Register the deployments against the Prefect server and run their flow runs here until Ctrl-C."""
+    out = out or sys.stdout
+    api, updates = _connect(work_dir, out)
+    from prefect import serve as prefect_serve
+    from prefect.settings import temporary_settings
 
     flows = flows if flows is not None else pipeline_flows()
     if parameters is None:
-        from flows.config import load_config
-
-        config = config if config is not None else default_config()
-        try:
-            cfg = load_config(config, overrides)
-        except Exception as e:  # flows.config.ConfigError: a StageError naming the file and key
-            raise ServerError(str(e)) from None
-        parameters = config_parameters(cfg, flows)
+        parameters = config_parameters(_load(config, overrides), flows)
     deployments = build_deployments(flows, name, parameters, tags=["llm-pipeline"])
     ui = api[: -len("/api")] if api.endswith("/api") else api
     print(

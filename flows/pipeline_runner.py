@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from flows.lineage import TAG_PIPELINE, fetch_artifact
 from flows.locks import file_lock
+from flows.pools import run_via_deployment
 from flows.prefect_ui import pipeline_summary_markdown, publish_pipeline_summary, record_cached_stage
 from flows.promotion import TAG_PROMOTION, Verdict, judge, promote
 from flows.report import publish_report
@@ -147,6 +148,8 @@ def _run_stages(
         if hit is not None:
             o = hit
             record_cached_stage(stage_flows[spec.name], o, params)
+        elif cfg.pipeline.dispatch == "deployments":  # on the stage's work pool (flows.pools)
+            o = run_via_deployment(spec, getattr(cfg, spec.name), params, tracking, upstream, cfg.pipeline.deployment)
         else:
             o = StageOutcome(**stage_flows[spec.name](**params))
         outcomes.append(o)

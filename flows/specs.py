@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -106,6 +107,13 @@ class PipelineSection(BaseModel):
     promotion_max_contamination: float = Field(
         0.01, ge=0, le=1, description="Promotion gate: largest share of an evaluation set's items that may share a "
         "word sequence with training text (the ingest stage's contamination check) for the alias `champion`.")
+
+    dispatch: Literal["inline", "deployments"] = Field(
+        "inline", description="How the pipeline runs its stages: 'inline' in its own process, or 'deployments': "
+        "each stage as a run of its deployment `<stage>/<deployment>` (created by `llm-pipeline deploy`), which "
+        "the workers of that stage's work pool pick up; the pipeline waits for each.")
+    deployment: str = Field("", description="With dispatch 'deployments': the deployments' name (the `NAME` of "
+                            "`<stage>/NAME`; `llm-pipeline deploy` sets it).")
 
     @field_validator("registered_model")
     @classmethod

@@ -204,15 +204,17 @@ def test_no_long_running_service_runs_as_root(compose):
         for dep, cond in (svc.get("depends_on") or {}).items()
         if cond.get("condition") == "service_completed_successfully"
     }
-    assert one_shot == {"volume-init"}
+    assert one_shot == {"volume-init", "deploy"}  # `deploy` runs as the worker image's user, checked below
+    built = services["worker"]["image"]
     for name, svc in services.items():
-        if name in one_shot:
+        if name == "volume-init":
             continue
         if "user" in svc:
             assert not _is_root(svc["user"]), f"{name} runs as root"
         else:
             # Only the image built here may rely on its own USER (the official images define none).
-            assert svc.get("build", {}).get("dockerfile") == "docker/Dockerfile", f"{name} has no user:"
+            assert svc.get("build", {}).get("dockerfile") == "docker/Dockerfile" or svc.get("image") == built, (
+                f"{name} has no user:")
             assert not _is_root(dockerfile_user), f"{name}'s image runs as root"
     assert services["prefect-server"]["user"] == services["mlflow"]["user"]
     assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", services["mlflow"]["user"]), "a numeric uid:gid, not root"
@@ -266,3 +268,25 @@ def test_dockerfile_installs_the_pinned_project():
     assert re.search(r"^USER (?!root)", text, re.M), "the worker must not run as root"
     cmd = re.search(r"^CMD (.+)$", text, re.M)[1]
     assert yaml.safe_load(cmd) == ["llm-pipeline", "serve"]
+
+
+def test_work_pool_services_deploy_then_run_one_worker_per_pool(compose):
+    """`--profile pools`: the deploy one-shot, a CPU worker and a GPU worker on the image's pools (the same pools and
+    flags tests/test_work_pools.py runs for real)."""
+    from flows.cli import build_parser
+
+    services = compose["services"]
+    deploy = services["deploy"]
+    args = build_parser().parse_args(deploy["command"][1:])
+    assert args.command == "deploy" and (args.cpu_pool, args.gpu_pool) == ("cpu", "gpu")
+    assert (ROOT / deploy["command"][3]).is_file()  # the config exists in the image's /app
+    for name, pool in (("cpu-worker", "cpu"), ("gpu-worker", "gpu")):
+        svc = services[name]
+        assert svc["profiles"] == ["pools"] and svc["image"] == services["worker"]["image"]
+        assert svc["command"][:5] == ["prefect", "worker", "start", "--pool", pool]
+        assert svc["depends_on"]["deploy"]["condition"] == "service_completed_successfully"
+        assert svc["environment"]["PREFECT_API_URL"] == services["worker"]["environment"]["PREFECT_API_URL"]
+        assert _published(svc) == []
+    assert "--limit" in services["gpu-worker"]["command"]
+    assert "devices" in services["gpu-worker"]["deploy"]["resources"]["reservations"]
+    assert "deploy" not in services["cpu-worker"]
