@@ -69,7 +69,17 @@ def build_report(tracking: Tracking, outcomes: Sequence[StageOutcome], pipeline_
             deltas[metric] = values
     return {"pipeline_run_id": pipeline_run_id, "registered_model": model, "promotion": promotion,
             "price_per_device_hour": price_per_device_hour, "stages": stages, "models": deltas,
-            "lm_eval": _lm_eval_table(by.get("evaluate", {}))}
+            "lm_eval": _lm_eval_table(by.get("evaluate", {})), "contamination": contamination_table(by.get("ingest", {}))}
+
+
+def contamination_table(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """The ingest stage's `contamination/<set>/items|rate` as {set: {"items": n, "rate": r}}."""
+    table: dict[str, dict[str, float]] = {}
+    for key, v in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "contamination" and parts[2] in ("items", "rate"):
+            table.setdefault(parts[1], {})[parts[2]] = v
+    return dict(sorted(table.items()))
 
 
 def _lm_eval_table(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
@@ -106,6 +116,10 @@ def render_markdown(card: Mapping[str, Any], curves: Sequence[str] = ()) -> str:
         key = ", ".join(f"{k}={v:.4g}" for k, v in s["metrics"].items()) or "—"
         lines.append(f"| {s['stage']} | {run} | {_num(s['wall_s'], '.1f')} | {work} | {rate} | {_num(s['mfu'], '.1%')} "
                      f"| {s['device']} | {cost} | {key} |")
+    if card.get("contamination"):
+        sets = ", ".join(f"{name} {v.get('items', 0):.0f} items ({v.get('rate', 0):.1%})"
+                         for name, v in card["contamination"].items())
+        lines += ["", f"Contamination (evaluation items sharing a word sequence with training text): {sets}."]
     if card["models"]:
         lines += ["", "What each stage bought (held-out, greedy):", "",
                   "| metric | base | SFT | aligned | SFT - base | aligned - SFT |", "|---|---|---|---|---|---|"]

@@ -202,3 +202,11 @@ def test_planted_contamination_is_found_named_and_keeps_the_model_from_champion(
     assert judge(good, 0.02, 0.5, clean.metrics, 0.0).alias == ("candidate" if before else "champion")
     verdict = judge(good, 0.02, 0.5, dirty.metrics, 0.0)
     assert verdict.alias == "candidate" and "heldout items" in verdict.describe()
+    # the report card names the contaminated set and the gate that kept the model from `champion`
+    from flows.report import contamination_table, render_markdown
+
+    card = {"pipeline_run_id": "p", "registered_model": "models:/m/1", "promotion": verdict.describe(),
+            "stages": [], "models": {}, "contamination": contamination_table(dirty.metrics)}
+    text = render_markdown(card)
+    items = dirty.metrics["contamination/heldout/items"]
+    assert f"heldout {items:.0f} items" in text and "candidate" in text and "heldout items" in text, text
