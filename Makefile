@@ -26,7 +26,7 @@ browser-deps:
 	  else echo "browser tests need Debian's chromium: sudo apt-get install chromium"; exit 1; fi; }
 
 test: install browser-deps
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=30
 
 test-fast: install
 	$(BIN)/pytest -m "not slow and not browser"

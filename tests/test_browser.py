@@ -295,7 +295,7 @@ def rerun_sft_from_its_deployment(page, steps: Steps, stack, base: str, mlflow_u
             runs_by_flow[flows[fr.flow_id]] = runs_by_flow.get(flows[fr.flow_id], 0) + 1
     # The stage rerun started no other stage: each ran once, inside the pipeline run.
     assert runs_by_flow == {"pipeline": 1, "ingest": 1, "tokenizer": 1, "pretrain": 1, "sft": 2, "reward": 1,
-                            "ppo": 1}, runs_by_flow  # fmt: skip
+                            "ppo": 1, "evaluate": 1}, runs_by_flow  # fmt: skip
 
 
 def check_mlflow(page, steps: Steps, pipeline_run_url: str, mlflow_url: str, exp_id: str, parent_id: str,
@@ -354,6 +354,7 @@ def check_mlflow(page, steps: Steps, pipeline_run_url: str, mlflow_url: str, exp
         page.get_by_role("link", name=re.compile(r"Version 1")).first.click()
         dismiss_promotion(page)
         expect(page.get_by_text(re.compile(r"^(champion|candidate)$")).first).to_be_visible()
+        page.get_by_role("cell", name=re.compile(r"^Inputs \(\d+\)")).first.click()  # the schema's input rows
         expect(page.get_by_text("messages", exact=True).first).to_be_visible()  # the llm/v1/chat input
 
 
