@@ -355,7 +355,7 @@ def check_mlflow(page, steps: Steps, pipeline_run_url: str, mlflow_url: str, exp
         dismiss_promotion(page)
         expect(page.get_by_text(re.compile(r"^(champion|candidate)$")).first).to_be_visible()
         page.get_by_role("cell", name=re.compile(r"^Inputs \(\d+\)")).first.click()  # the schema's input rows
-        expect(page.get_by_text("messages", exact=True).first).to_be_visible()  # the llm/v1/chat input
+        expect(page.get_by_role("cell", name="messages (required)").first).to_be_visible()  # llm/v1/chat's input
 
 
 def dismiss_promotion(page) -> None:
