@@ -15,11 +15,13 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from flows.fanout_prefect import prefect_dask_mapper
 from flows.prefect_ui import final_state, publish_prefect_artifacts, route_logs_to_prefect
 from flows.progress import prefect_progress
 from flows.specs import STAGES, PipelineSection, StageSpec
 from flows.stage_runner import StageOutcome, run_stage
 from flows.tracking import is_transient
+from stages import fanout
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,11 @@ def _stage_task(spec: StageSpec) -> Any:
         from prefect.runtime import task_run
 
         retrying = (task_run.run_count or 1) > 1
-        return run_stage(
-            spec, config, pipeline, from_run=from_run, upstream=upstream, parent_run_id=parent, force=force,
-            retrying=retrying,
-        ).to_dict()
+        with fanout.using(prefect_dask_mapper):  # a stage's fanned-out units become task runs of this flow run
+            return run_stage(
+                spec, config, pipeline, from_run=from_run, upstream=upstream, parent_run_id=parent, force=force,
+                retrying=retrying,
+            ).to_dict()
 
     return task(_execute, name=f"run-{spec.name}", cache_policy=NO_CACHE, persist_result=False)
 

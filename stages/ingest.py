@@ -19,11 +19,16 @@ shards `stages.shard_writer`, and reading a finished corpus `stages.corpus_reade
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +38,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from stages import contamination, corpus, reuse
+from stages import contamination, corpus, fanout, reuse
 from stages.cleaning import clean_batch
 from stages.common import (
     NullTracker,
@@ -54,9 +59,12 @@ from stages.readers import (
     FilesSource,
     HFSource,
     Source,
+    Unit,
     expand_paths,
     prefetch,
     read_sources,
+    read_unit,
+    split_units,
 )
 from stages.shard_writer import SplitWriters
 
@@ -91,6 +99,18 @@ class Config(BaseModel):
                                      "text (corpus, SFT, preference or RL data).")
     contamination_check: bool = Field(True, description="Run the contamination check (one pass over the corpus) "
                                       "when the built-in task folder provides evaluation sets.")
+    workers: int = Field(1, ge=1, description="Processes that read and clean the sources, a file (or a non-file "
+                         "source) each at a time, on a local Dask cluster (under Prefect: its Dask task runner, a "
+                         "task run per file); dedup, split and shard writing stay in this process, so the output "
+                         "is byte-identical to 1, which runs everything here without Dask.")
+    dask_address: str | None = Field(None, description="Scheduler of an existing Dask cluster (tcp://HOST:PORT) to "
+                                     "read and clean on instead of a local cluster; its workers need this project "
+                                     "installed and the input files at the same paths.")
+
+
+# How the work is spread, not what it computes: kept out of the corpus key and the manifest, so a corpus built
+# with any number of workers is the same bytes and reused whatever the setting.
+EXECUTION_FIELDS = {"workers", "dask_address"}
 
 
 class _Counts:
@@ -100,24 +120,46 @@ class _Counts:
         self.first_bad: list[str] = []
 
 
-def _process(batch: Batch, cfg: Config, seen: set[bytes], writers: SplitWriters, counts: _Counts,
-             samples: list[dict[str, Any]]) -> None:
-    """Clean, filter, dedup and split one batch; hand the survivors to the split's writer.
+@dataclass
+class _Cleaned:
+    """One batch after cleaning and the length filters, hashed: what the order-independent work yields."""
 
-    Everything but the hash and the dedup lookup is vectorised in Arrow/numpy."""
+    texts: pa.Array  # string
+    digests: list[bytes]  # 16 bytes of sha256 per text
+    sizes: np.ndarray  # UTF-8 bytes per text
+    source: str
+    read: int  # records in the batch before the filters
+    dropped: Counter[str]
+
+
+def _clean(batch: Batch, cfg: Config) -> _Cleaned:
+    """Clean, length-filter and hash one batch; depends on nothing outside it, so any process can do it.
+
+    Everything but the hash is vectorised in Arrow/numpy."""
     arr = clean_batch(batch.texts, cfg.normalization)
     lengths = pc.utf8_length(arr).to_numpy(zero_copy_only=False)
     empty, too_long = lengths == 0, lengths > cfg.max_chars
     too_short = (lengths < cfg.min_chars) & ~empty
-    counts.dropped["empty"] += int(empty.sum())
-    counts.dropped["too_short"] += int(too_short.sum())
-    counts.dropped["too_long"] += int(too_long.sum())
+    dropped = Counter({"empty": int(empty.sum()), "too_short": int(too_short.sum()), "too_long": int(too_long.sum())})
     keep = ~(empty | too_short | too_long)
     if not keep.all():
         arr = arr.filter(pa.array(keep))
     sha = hashlib.sha256
     digests = [sha(data).digest()[:16] for data in arr.cast(pa.binary()).to_pylist()]
     sizes = pc.binary_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    return _Cleaned(arr, digests, sizes, batch.source, len(batch.texts), dropped)
+
+
+def _clean_unit(unit: Unit, cfg: Config) -> list[Bad | _Cleaned]:
+    """A whole unit (a file, or a non-file source) read and cleaned, in order: the work a fan-out worker does."""
+    return [item if isinstance(item, Bad) else _clean(item, cfg) for item in read_unit(unit, cfg.max_chars)]
+
+
+def _keep(c: _Cleaned, cfg: Config, seen: set[bytes], writers: SplitWriters, counts: _Counts,
+          samples: list[dict[str, Any]]) -> None:
+    """Dedup and split one cleaned batch and hand the survivors to the split's writer: the part that depends on
+    every earlier document, so it runs in one process, in the order of the sources."""
+    arr, digests, sizes = c.texts, c.digests, c.sizes
     if cfg.dedup:
         take = np.ones(len(digests), dtype=bool)
         for i, d in enumerate(digests):
@@ -139,12 +181,24 @@ def _process(batch: Batch, cfg: Config, seen: set[bytes], writers: SplitWriters,
     for split, mask in (("train", ~split_val), ("val", split_val)):
         if mask.any():
             m = pa.array(mask)
-            writers[split].add(arr.filter(m), ids.filter(m), sizes[mask], batch.source)
+            writers[split].add(arr.filter(m), ids.filter(m), sizes[mask], c.source)
     counts.kept += len(digests)
     counts.kept_bytes += int(sizes.sum())
     if len(samples) < 5:
         for i in np.flatnonzero(~split_val)[: 5 - len(samples)]:
-            samples.append({"id": ids[int(i)].as_py(), "source": batch.source, "text": arr[int(i)].as_py()[:300]})
+            samples.append({"id": ids[int(i)].as_py(), "source": c.source, "text": arr[int(i)].as_py()[:300]})
+
+
+def _cleaned_items(cfg: Config, stack: contextlib.ExitStack) -> Iterator[Bad | _Cleaned]:
+    """Every record of the sources, cleaned, in source order: in this process (`workers: 1`), or a unit per
+    worker through `stages.fanout` (the same items in the same order, so the same bytes come out)."""
+    if cfg.workers == 1 and not cfg.dask_address:
+        return (item if isinstance(item, Bad) else _clean(item, cfg)
+                for item in prefetch(read_sources(cfg.sources, cfg.max_chars)))
+    units = split_units(cfg.sources)
+    mapper = stack.enter_context(fanout.open_mapper(cfg.workers, cfg.dask_address, "ingest"))
+    results = mapper.map(functools.partial(_clean_unit, cfg=cfg), units, [u.label for u in units])
+    return itertools.chain.from_iterable(results)
 
 
 def _read_all(cfg: Config, out: Path, writers: SplitWriters, tracker: Tracker) -> tuple[_Counts, list[dict]]:
@@ -153,9 +207,10 @@ def _read_all(cfg: Config, out: Path, writers: SplitWriters, tracker: Tracker) -
     seen: set[bytes] = set()
     samples: list[dict[str, Any]] = []
     next_log = 1_000_000
-    with (open(out / "quarantine.jsonl", "w", encoding="utf-8") as quarantine,
+    with (contextlib.ExitStack() as stack,
+          open(out / "quarantine.jsonl", "w", encoding="utf-8") as quarantine,
           tqdm(desc="ingest", unit=" docs", mininterval=1.0) as pbar):
-        for item in prefetch(read_sources(cfg.sources, cfg.max_chars)):
+        for item in _cleaned_items(cfg, stack):
             if isinstance(item, Bad):
                 counts.total += 1
                 counts.dropped[item.reason] += 1
@@ -166,9 +221,10 @@ def _read_all(cfg: Config, out: Path, writers: SplitWriters, tracker: Tracker) -
                     counts.first_bad.append(f"{item.where}: {item.reason}")
                 quarantine.write(json.dumps({"where": item.where, "reason": item.reason}) + "\n")
                 continue
-            counts.total += len(item.texts)
-            pbar.update(len(item.texts))
-            _process(item, cfg, seen, writers, counts, samples)
+            counts.total += item.read
+            counts.dropped.update(item.dropped)
+            pbar.update(item.read)
+            _keep(item, cfg, seen, writers, counts, samples)
             if counts.total >= next_log:
                 tracker.log_metrics({"ingest/rows": counts.kept, "ingest/mb": counts.kept_bytes / 1e6},
                                     step=counts.total)
@@ -209,7 +265,7 @@ def _write_corpus(cfg: Config, out: Path, key: str, tracker: Tracker) -> dict:
         "dropped": dropped,
         "quarantine_sha256": sha256_file(out / "quarantine.jsonl"),
         "samples": samples,
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json", exclude=EXECUTION_FIELDS),
     }
     write_json(out / MANIFEST, manifest)
     return manifest
@@ -226,7 +282,7 @@ def _corpus_key(cfg: Config) -> str:
     Input files are identified by (path, size, mtime), not content: deciding to reuse a large corpus must not mean
     reading all of its inputs again.
     """
-    dump = cfg.model_dump(mode="json")
+    dump = cfg.model_dump(mode="json", exclude=EXECUTION_FIELDS)
     for src in dump["sources"]:
         if src["type"] == "builtin":
             for name in TASK_FIELDS:

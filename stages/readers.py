@@ -284,19 +284,18 @@ def _file_format(path: Path, declared: str) -> str:
     return fmt
 
 
-def _read_files(src: FilesSource, max_bytes: int) -> Iterator[Item]:
-    for path in expand_paths(src):
-        name = str(path)
-        fmt = _file_format(path, src.format)
-        try:
-            if fmt == "txt":
-                yield from _read_txt(path, src.txt_unit, max_bytes, name)
-            elif fmt == "jsonl":
-                yield from _read_jsonl(path, src.text_field, max_bytes, name)
-            else:
-                yield from _read_parquet(path, src.text_field, name)
-        except (PermissionError, IsADirectoryError) as e:
-            yield Bad(f"{name} ({e.strerror})", "unreadable")
+def _read_file(src: FilesSource, path: Path, max_bytes: int) -> Iterator[Item]:
+    name = str(path)
+    fmt = _file_format(path, src.format)
+    try:
+        if fmt == "txt":
+            yield from _read_txt(path, src.txt_unit, max_bytes, name)
+        elif fmt == "jsonl":
+            yield from _read_jsonl(path, src.text_field, max_bytes, name)
+        else:
+            yield from _read_parquet(path, src.text_field, name)
+    except (PermissionError, IsADirectoryError) as e:
+        yield Bad(f"{name} ({e.strerror})", "unreadable")
 
 
 def _read_hf(src: HFSource) -> Iterator[Item]:
@@ -346,16 +345,41 @@ def _read_builtin(src: BuiltinSource) -> Iterator[Item]:
         yield b
 
 
+@dataclass(frozen=True)
+class Unit:
+    """A piece of the sources that reads on its own: one file of a `files` source, or a whole other source."""
+
+    source: Source
+    path: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return self.path.name if self.path is not None else self.source.type
+
+
+def split_units(sources: list[Source]) -> list[Unit]:
+    """The sources as units, in reading order (`files` sources expanded to their files)."""
+    return [u for src in sources
+            for u in ([Unit(src, p) for p in expand_paths(src)] if isinstance(src, FilesSource) else [Unit(src)])]
+
+
+def read_unit(unit: Unit, max_chars: int) -> Iterator[Item]:
+    """One unit's records in order: `Batch`es of good raw texts and `Bad` records."""
+    max_bytes = max_chars * 4  # UTF-8 is at most 4 bytes per character
+    src = unit.source
+    if isinstance(src, BuiltinSource):
+        yield from _read_builtin(src)
+    elif isinstance(src, FilesSource):
+        assert unit.path is not None
+        yield from _read_file(src, unit.path, max_bytes)
+    else:
+        yield from _read_hf(src)
+
+
 def read_sources(sources: list[Source], max_chars: int) -> Iterator[Item]:
     """Every source's records in order: `Batch`es of good raw texts and `Bad` records."""
-    max_bytes = max_chars * 4  # UTF-8 is at most 4 bytes per character
-    for src in sources:
-        if isinstance(src, BuiltinSource):
-            yield from _read_builtin(src)
-        elif isinstance(src, FilesSource):
-            yield from _read_files(src, max_bytes)
-        else:
-            yield from _read_hf(src)
+    for unit in split_units(sources):
+        yield from read_unit(unit, max_chars)
 
 
 def prefetch(items: Iterator[Item], depth: int = 4) -> Iterator[Item]:
