@@ -310,18 +310,20 @@ def test_reused_stages_show_cached_and_running_stages_show_progress(tmp_path: Pa
 
 def test_prefect_artifacts_and_typed_parameters(tmp_path: Path, pipeline_flow: Any) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.utilities.callables import parameter_schema
 
     from flows.stage_flow import make_stage_flow
 
     flow = make_stage_flow(BY_NAME["ingest"])
-    flow(config=ff.FakeConfig(), pipeline=ff.section(ff.work_dir(tmp_path)))
+    state = flow(config=ff.FakeConfig(), pipeline=ff.section(ff.work_dir(tmp_path)), return_state=True)
+    run_id = state.state_details.flow_run_id  # this run's artifacts, not those of other tests on the server
 
     async def read() -> list[Any]:
         async with get_client() as client:
             return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-summary", "ingest-samples"]))
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-summary", "ingest-samples"]),
+                                               flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
             )
 
     import asyncio
