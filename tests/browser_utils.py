@@ -5,6 +5,7 @@ Used by tests/test_servers.py and tests/test_browser.py."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -122,12 +123,26 @@ class Stack:
             t0 = time.monotonic()
             p.send_signal(signal.SIGINT)
             try:
-                p.wait(timeout=40)
+                # `up` gives each server 20 s to stop before SIGKILL; on a loaded 2-core CI box that can take most
+                # of it, so wait for the whole of it rather than kill `up` midway and orphan its servers.
+                p.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
             took[name] = time.monotonic() - t0
+        self._kill_recorded_servers()
         return took
+
+    def _kill_recorded_servers(self) -> None:
+        """Servers a killed `up` left behind (their pids are in servers.json): gone, so later tests start clean."""
+        state = self.work / "servers" / "servers.json"
+        try:
+            pids = json.loads(state.read_text()).get("pids", {})
+        except (OSError, ValueError):
+            return
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(pid), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
