@@ -110,37 +110,60 @@ def form_property(page, label: str, within=None):
     return scope.locator(".schema-form-property").filter(has=page.get_by_text(label, exact=True)).last
 
 
-def wait_run_state(page, stack: Stack, run_name: str, timeout_s: float) -> str:
-    """On a deployment page after Submit: open the run by name, then wait for a final state shown in its header."""
-    # The Runs tab lists a run once the served process has picked it up (until then it sits under "Upcoming");
-    # on a busy machine that can take a while, so after a short wait go to the run's page directly.
-    link = page.get_by_role("link", name=run_name, exact=True).first
-    deadline = time.monotonic() + 30
-    while not link.is_visible() and time.monotonic() < deadline:
-        page.wait_for_timeout(2000)
-        page.reload()
-    if link.is_visible():
-        link.click()
-    else:
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+def find_run(page, stack: Stack, run_name: str, timeout_s: float = 120):
+    """The flow run the form's Submit created, once the API has it; if none comes, the failure quotes what the
+    page shows (an error toast, a form message)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
+    def created():
         with prefect_api(stack) as c:
             runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))
-        assert runs, f"no flow run named {run_name}: the form's Submit did not create it"
-        page.goto(f"{stack.client_env['PREFECT_API_URL'].removesuffix('/api')}/runs/flow-run/{runs[0].id}")
+        return runs[0] if runs else None
+
+    try:
+        return wait_for(created, timeout_s, f"a flow run named {run_name} after Submit", stack.serve_proc,
+                        stack.serve_log)  # fmt: skip
+    except AssertionError as e:
+        shown = [t for role in ("alert", "status") for t in page.get_by_role(role).all_inner_texts() if t.strip()]
+        raise AssertionError(f"{e}\nthe page ({page.url}) shows: {shown}") from None
+
+
+def idle(page) -> None:
+    """A blank page while training runs: a live run page keeps redrawing its timeline, and software rendering in
+    headless Chromium then takes a core from the training on a 2-core machine (pretraining ran 10x slower)."""
+    page.goto("about:blank")
+
+
+def wait_run_state(page, stack: Stack, run_name: str, timeout_s: float) -> str:
+    """On a deployment page after Submit: wait (API, on an idle page) for the run's final state, then open the run
+    from the deployment's Runs tab and read that state in its header."""
+    deployment_url = page.url
+    run = find_run(page, stack, run_name)
+    idle(page)
+
+    def final():
+        with prefect_api(stack) as c:
+            state = c.read_flow_run(run.id).state
+        return state if state is not None and state.is_final() else None
+
+    wait_for(final, timeout_s, f"flow run {run_name} in a final state", stack.serve_proc, stack.serve_log)
+    page.goto(deployment_url)
+    link = page.get_by_role("link", name=run_name, exact=True).first
+    try:
+        link.wait_for(timeout=30_000)
+        link.click()
+    except Exception:  # Submit left the browser on another page than the deployment's: open the run directly
+        page.goto(f"{stack.client_env['PREFECT_API_URL'].removesuffix('/api')}/runs/flow-run/{run.id}")
     page.wait_for_url(re.compile(r"/runs/flow-run/"))
     header = page.get_by_role("banner")
-    deadline = time.monotonic() + timeout_s
-    final = ("Completed", "Cached", "Failed", "Crashed", "Cancelled")
+    deadline = time.monotonic() + 30
+    final_names = ("Completed", "Cached", "Failed", "Crashed", "Cancelled")
     while True:
-        for state in final:
+        for state in final_names:
             if header.get_by_text(state, exact=True).count():
                 return state
-        assert time.monotonic() < deadline, f"flow run {run_name} not finished within {timeout_s:.0f} s"
-        # The run page refreshes itself; a reload now and then also covers a missed update.
-        page.wait_for_timeout(5000)
-        if int(time.monotonic()) % 30 < 5:
-            page.reload()
+        assert time.monotonic() < deadline, f"flow run {run_name}: no final state shown in its header"
+        page.wait_for_timeout(1000)
 
 
 def test_users_path_through_prefect_and_mlflow(stack, shots):
@@ -202,6 +225,9 @@ def run_pipeline_with_changed_max_steps(page, steps: Steps, stack, base: str) ->
         steps_field = prop.get_by_role("spinbutton")
         assert steps_field.input_value() == "4"
         steps_field.fill(str(PRETRAIN_STEPS))
+        # Leaving the field commits the edit to the form's state before Submit reads it.
+        steps_field.press("Tab")
+        expect(steps_field).to_have_value(str(PRETRAIN_STEPS))
         from stages.pretrain import Config as PretrainConfig
 
         # The field's description is shown with it (the pydantic Field description).
@@ -210,7 +236,7 @@ def run_pipeline_with_changed_max_steps(page, steps: Steps, stack, base: str) ->
         steps_field.scroll_into_view_if_needed()
     page.get_by_role("button", name="Submit", exact=True).click()
     with steps.step("pretrain progress artifact while it trains"):
-        progress_of_running_pretrain(page, stack, base)
+        progress_of_running_pretrain(page, stack, base, run_name)
     open_deployment(page, base, "pipeline")
     with steps.step("pipeline run completed"):
         state = wait_run_state(page, stack, run_name, PIPELINE_TIMEOUT_S)
@@ -219,16 +245,38 @@ def run_pipeline_with_changed_max_steps(page, steps: Steps, stack, base: str) ->
     return pipeline_run_url
 
 
-def progress_of_running_pretrain(page, stack: Stack, base: str) -> None:
+def submitted_pipeline_run(page, stack: Stack, run_name: str):
+    """The flow run the form's Submit created, picked up by `serve`; its parameters carry the changed field."""
+    run = find_run(page, stack, run_name)
+    max_steps = run.parameters.get("config", {}).get("pretrain", {}).get("max_steps")
+    assert max_steps == PRETRAIN_STEPS, f"the form sent pretrain max_steps={max_steps!r}: {run.parameters}"
+
+    def picked_up() -> bool:
+        with prefect_api(stack) as c:
+            state = c.read_flow_run(run.id).state
+        return state is not None and not (state.is_scheduled() or state.is_pending())
+
+    wait_for(picked_up, 180, f"flow run {run_name} ({run.id}) picked up by `llm-pipeline serve`", stack.serve_proc,
+             stack.serve_log)  # fmt: skip
+    return run
+
+
+def progress_of_running_pretrain(page, stack: Stack, base: str, run_name: str) -> None:
     """Wait (API) until the pretrain flow run is Running with a progress artifact part way; then its page's
-    Artifacts tab shows that artifact: steps done, rate, ETA and loss."""
+    Artifacts tab shows that artifact: steps done, rate, ETA and loss. The pipeline run ending first fails at once,
+    with its state."""
     from playwright.sync_api import expect
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    pipeline_run = submitted_pipeline_run(page, stack, run_name)
+    idle(page)
     found: dict[str, object] = {}
 
     def part_way() -> bool:
         with prefect_api(stack) as c:
+            state = c.read_flow_run(pipeline_run.id).state
+            assert not state.is_final(), f"pipeline run {run_name} ended {state.name} before pretrain was seen " \
+                                         f"part way: {state.message}; see {stack.serve_log}"
             arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pretrain-progress"])))
             for a in arts:
                 run = c.read_flow_run(a.flow_run_id) if a.flow_run_id else None
