@@ -16,7 +16,9 @@ import functools
 import json
 import os
 import shutil
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -81,7 +83,19 @@ def best_times(files: list[Path], work: Path, repeats: int, workers: int) -> dic
         return alternate(fns, repeats, after=lambda name: shutil.rmtree(work / f"run-{name}", ignore_errors=True))
 
 
-def report(size: float, n_files: int, args: argparse.Namespace, best: dict[str, float]) -> dict:
+def cores_busy(files: list[Path], work: Path) -> float:
+    """CPU seconds per wall second of one `workers=1` ingest (this process and its Arrow threads): the ceiling of
+    any fan-out on this machine is cpus / this, before any of the fan-out's own costs."""
+    import resource
+
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    ours(files, work / "run-cores")
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    shutil.rmtree(work / "run-cores", ignore_errors=True)
+    return (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / wall
+
+
+def report(size: float, n_files: int, args: argparse.Namespace, best: dict[str, float], cores: float) -> dict:
     mbs = {k: size / 1e6 / t for k, t in best.items()}
     result = {
         "bench": "ingest",
@@ -104,6 +118,9 @@ def report(size: float, n_files: int, args: argparse.Namespace, best: dict[str, 
                        "fanout_running_mb_s": round(mbs["fanout_running"], 2),
                        "fanout_ratio": round(mbs["fanout"] / mbs["ours"], 3),
                        "fanout_running_ratio": round(mbs["fanout_running"] / mbs["ours"], 3), "fanout_target": 1.4})
+        cpus = os.cpu_count() or 1
+        result.update({"one_worker_cores_busy": round(cores, 2), "fanout_ceiling": round(cpus / cores, 2)})
+        print(f"one worker keeps {cores:.2f} of {cpus} cores busy: no fan-out here can exceed {cpus / cores:.2f}x")
         print(f"{f'ingest workers={w} (new cluster)':<36}{mbs['fanout']:>10.1f} MB/s")
         print(f"{f'ingest workers={w} (running cluster)':<36}{mbs['fanout_running']:>10.1f} MB/s")
         print(f"ratio workers={w}/workers=1: {result['fanout_ratio']:.3f} with the cluster's start-up, "
@@ -126,7 +143,8 @@ def main() -> None:
         work = Path(tmp)
         files, size = make_inputs(work, mb, args.doc_bytes, args.files)
         best = best_times(files, work, repeats, args.workers)
-    result = report(size, len(files), args, best)
+        cores = statistics.median(cores_busy(files, work) for _ in range(3))
+    result = report(size, len(files), args, best, cores)
     if args.json:
         print(json.dumps(result))
 
