@@ -9,6 +9,7 @@ launch; the stage then fails with that rank's error, and a rerun resumes from th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,8 +34,10 @@ class LaunchSettings(BaseModel):
 
     nproc_per_node: int = Field(1, ge=1, description="Worker processes on this machine (one per GPU; gloo "
                                 "processes on CPU). >1 launches them from the stage with PyTorch's elastic launcher.")
-    nnodes: int = Field(1, ge=1, description="Machines taking part; each runs the stage (or `python -m "
-                        "stages.pretrain`) with the same settings and its own node_rank.")
+    nnodes: int = Field(1, ge=1, description="Machines taking part: node 0 runs the stage, each other machine "
+                        "`python -m stages.pretrain` with the same settings, its own node_rank and --out set to the "
+                        "stage's output folder, on storage every machine sees at the same path (all ranks write "
+                        "their part of each checkpoint there).")
     node_rank: int = Field(0, ge=0, description="This machine's rank among nnodes (0 logs and writes outputs).")
     rdzv_endpoint: str = Field("", description="host:port where the machines meet (node 0's address) when "
                                "nnodes > 1; empty = a free port on 127.0.0.1 for one machine.")
@@ -102,6 +105,15 @@ def _endpoint(cfg: LaunchSettings) -> tuple[str, str, dict[str, Any]]:
     return "static", cfg.rdzv_endpoint, {"rank": cfg.node_rank}
 
 
+def _run_id(cfg: LaunchSettings, endpoint: str) -> str:
+    """The rendezvous id: the machines' agents meet under it in node 0's store, so every node must derive the same
+    one from what they share (the endpoint and the sizes); one machine alone gets a fresh one per launch."""
+    if cfg.nnodes == 1:
+        return f"pretrain-{uuid.uuid4().hex[:12]}"
+    shared = f"{endpoint}/{cfg.nnodes}x{cfg.nproc_per_node}"
+    return "pretrain-" + hashlib.sha256(shared.encode()).hexdigest()[:12]
+
+
 def _failure_message(err: Any) -> str:
     """'rank N (exit code C): <its error>' for the first failed worker."""
     rank, failure = err.get_first_failure()
@@ -132,7 +144,7 @@ def launch(cfg: LaunchSettings, out_dir: Path, tracker: Tracker, worker: Callabl
     metrics.unlink(missing_ok=True)
     config = LaunchConfig(
         min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=cfg.nproc_per_node,
-        run_id=f"pretrain-{uuid.uuid4().hex[:12]}", rdzv_backend=backend, rdzv_endpoint=endpoint,
+        run_id=_run_id(cfg, endpoint), rdzv_backend=backend, rdzv_endpoint=endpoint,
         rdzv_configs=rdzv_configs, max_restarts=0, monitor_interval=0.5, start_method="spawn",
     )
     log.info("pretrain: launching %d worker processes on this machine (%d in all, rendezvous %s %s)",

@@ -1,14 +1,17 @@
 """Multi-process pretraining launched by the stage itself (stages/launch.py), through the real CLI on the smoke
 config: 2 gloo workers on CPU, one MLflow run, per-step losses from rank 0 only that equal a one-process run with
-the same global batch; a worker killed with SIGKILL fails the stage naming its rank, and a rerun resumes.
+the same global batch; a worker killed with SIGKILL fails the stage naming its rank, and a rerun resumes. The
+launcher also runs FSDP, and two machines (two launchers on 127.0.0.1, one worker each, static rendezvous).
 
 Run: .venv/bin/pytest tests/test_pretrain_launch.py   (slow: full smoke pipelines and worker processes)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,3 +111,51 @@ def test_a_killed_worker_fails_the_stage_naming_its_rank_and_a_rerun_resumes(lau
             if r.info.status == "FINISHED" and r.data.params.get("max_steps") == "400"]
     assert len(done) == 1 and done[0].data.metrics["train/resumed_from"] >= 20, done[0].data.metrics
     assert [s for s, _ in _losses(c, done[0].info.run_id)][-1] == 400
+
+
+
+def _two_worker_run(c, exp):
+    """The pipeline's pretrain run on 2 workers of one machine (4 steps, micro batch 2)."""
+    return next(r for r in c.search_runs([exp], "tags.`llm.stage` = 'pretrain'")
+                if r.data.params.get("nproc_per_node") == "2" and r.data.params.get("max_steps") == "4")
+
+
+def _direct(tmp: Path, out: Path, *sets: str) -> list[str]:
+    """`python -m stages.pretrain` (no Prefect, no MLflow) on the launched pipeline's tokenizer output."""
+    (tok_dir,) = (tmp / "wd" / "stages" / "tokenizer").glob("*/tokenizer")
+    cmd = [sys.executable, "-m", "stages.pretrain", "--tokenizer", str(tok_dir), "--tokens",
+           str(tok_dir.parent / "tokens"), "--out", str(out), "--config", str(SMOKE), "--set", "micro_batch_size=2"]
+    return cmd + [a for kv in sets for a in ("--set", kv)]
+
+
+def test_fsdp_through_the_launcher_matches_ddp(launched):
+    c, exp = _client(launched)
+    p = subprocess.run(_direct(launched, launched / "fsdp", "nproc_per_node=2", "parallel=fsdp"), cwd=ROOT,
+                       env=_env(launched), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    metrics = json.loads(p.stdout.strip().splitlines()[-1])["metrics"]
+    np.testing.assert_allclose(metrics["val/loss"], _two_worker_run(c, exp).data.metrics["val/loss"], rtol=2e-5)
+
+
+def test_two_machines_meet_at_node_0s_endpoint_and_train_as_one(launched):
+    """nnodes=2 as two machines run it (here both on 127.0.0.1): one worker per node, static rendezvous at node 0's
+    address, the output folder on storage both see; the result equals the two-worker run of one machine."""
+    tmp = launched
+    c, exp = _client(tmp)
+    two = _two_worker_run(c, exp)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in (0, 1):
+        cmd = _direct(tmp, tmp / "shared", "nnodes=2", f"node_rank={node}", f"rdzv_endpoint=127.0.0.1:{port}")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-2000:] + err[-4000:]
+    result = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert json.loads(outs[1][0].strip().splitlines()[-1])["metrics"] == {}  # node 1 reports nothing
+    assert (tmp / "shared" / "hf" / "model.safetensors").exists()
+    assert sorted(f.name for f in (tmp / "shared" / ".launch").iterdir()) == ["rank0.pid", "rank1.pid"]
+    np.testing.assert_allclose(result["metrics"]["val/loss"], two.data.metrics["val/loss"], rtol=2e-5)
