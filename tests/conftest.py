@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+
+# A shell runs a background job (`make test &`, a CI step started with `&`) with SIGINT ignored, and every process
+# started from it inherits that: the servers the tests start would then ignore the Ctrl-C the tests send them. A
+# Python-level handler here is reset to the default in each child at exec, so Ctrl-C works there as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
