@@ -128,6 +128,11 @@ def find_run(page, stack: Stack, run_name: str, timeout_s: float = 120):
         raise AssertionError(f"{e}\nthe page ({page.url}) shows: {shown}") from None
 
 
+def run_state(stack: Stack, run_id):
+    with prefect_api(stack) as c:
+        return c.read_flow_run(run_id).state
+
+
 def idle(page) -> None:
     """A blank page while training runs: a live run page keeps redrawing its timeline, and software rendering in
     headless Chromium then takes a core from the training on a 2-core machine (pretraining ran 10x slower)."""
@@ -142,8 +147,7 @@ def wait_run_state(page, stack: Stack, run_name: str, timeout_s: float) -> str:
     idle(page)
 
     def final():
-        with prefect_api(stack) as c:
-            state = c.read_flow_run(run.id).state
+        state = run_state(stack, run.id)
         return state if state is not None and state.is_final() else None
 
     wait_for(final, timeout_s, f"flow run {run_name} in a final state", stack.serve_proc, stack.serve_log)
@@ -252,8 +256,7 @@ def submitted_pipeline_run(page, stack: Stack, run_name: str):
     assert max_steps == PRETRAIN_STEPS, f"the form sent pretrain max_steps={max_steps!r}: {run.parameters}"
 
     def picked_up() -> bool:
-        with prefect_api(stack) as c:
-            state = c.read_flow_run(run.id).state
+        state = run_state(stack, run.id)
         return state is not None and not (state.is_scheduled() or state.is_pending())
 
     wait_for(picked_up, 180, f"flow run {run_name} ({run.id}) picked up by `llm-pipeline serve`", stack.serve_proc,
@@ -303,11 +306,8 @@ def unchanged_stage_shows_cached(page, steps: Steps, base: str, stack: Stack, to
     with steps.step("tokenizer run cached"):
         state = wait_run_state(page, stack, run_name, STAGE_TIMEOUT_S)
         assert state == "Cached", f"an unchanged tokenizer run ended {state}; see {stack.serve_log}"
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-
-    with prefect_api(stack) as c:
-        run = c.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))[0]
-    assert tokenizer_run in run.state.message, run.state
+    state = run_state(stack, find_run(page, stack, run_name).id)
+    assert tokenizer_run in state.message, state
 
 
 def rerun_sft_from_its_deployment(page, steps: Steps, stack, base: str, mlflow_url: str,
