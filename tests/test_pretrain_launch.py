@@ -159,3 +159,20 @@ def test_two_machines_meet_at_node_0s_endpoint_and_train_as_one(launched):
     assert (tmp / "shared" / "hf" / "model.safetensors").exists()
     assert sorted(f.name for f in (tmp / "shared" / ".launch").iterdir()) == ["rank0.pid", "rank1.pid"]
     np.testing.assert_allclose(result["metrics"]["val/loss"], two.data.metrics["val/loss"], rtol=2e-5)
+
+
+def test_two_machines_without_shared_storage_are_told_so(launched):
+    """Each node with its own output folder: node 1's rank cannot write into the checkpoint folder rank 0 made."""
+    tmp = launched
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(_direct(tmp, tmp / f"own{node}", "nnodes=2", f"node_rank={node}",
+                                      f"rdzv_endpoint=127.0.0.1:{port}"),
+                              cwd=ROOT, env=_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in (0, 1)]  # fmt: skip
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert procs[1].returncode != 0, errs[1][-3000:]
+    assert "rank 1 does not see the folder rank 0 created" in errs[1] and "shared" in errs[1], errs[1][-3000:]
+    assert "Traceback" not in errs[1], errs[1][-3000:]
+

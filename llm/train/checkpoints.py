@@ -167,6 +167,12 @@ class Checkpointer:
         except OSError as e:
             if info.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if not info.is_main and not tmp.exists():
+                raise CheckpointError(
+                    f"could not write checkpoint {final}: rank {info.rank} does not see the folder rank 0 created "
+                    f"({tmp}). With several machines, the output folder must be on storage every machine sees at "
+                    "the same path (e.g. a shared file system); point the run's output folder there and rerun."
+                ) from e
             raise self._write_error(final, loop.step, e) from e
         return final
 
