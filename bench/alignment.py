@@ -60,7 +60,7 @@ def run_seed(config: str, overrides: list[str], seed: int, root: Path, grpo: boo
     wall, results, outputs = run_stages(config_for([]), root)
     metrics = {name: r.metrics for name, r in results.items()}
     if grpo:
-        spec = STAGES[-1]
+        spec = next(s for s in STAGES if s.name == "ppo")
         grpo_cfg = config_for(GRPO_SET)
         inputs = {name: outputs[(stage, out)] for name, (stage, out) in spec.inputs.items()}
         t = time.perf_counter()
