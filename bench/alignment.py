@@ -6,7 +6,7 @@
 Seed S changes every seed of the pipeline: the built-in data (the builtin source's seed S), pretraining
 (1337 + S, so seed 0 is exactly `make demo`), SFT, reward and PPO (S). Stages run directly (no Prefect, no MLflow)
 in a folder per seed; `--root` reuses an earlier run's, so that changing only the last stage's settings reruns only
-that stage. `--grpo` also reruns the last stage per seed with GRPO and the program-checked reward (GRPO_SET below).
+that stage. `--grpo` also reruns the RL stage per seed with GRPO and the program-checked reward (GRPO_SET below).
 Prints one markdown row per seed and a mean +- standard deviation row; `--json` adds every metric as the last line.
 """
 
@@ -39,6 +39,7 @@ COLUMNS: list[tuple[str, list[tuple[str, str]]]] = [
     ("reward gain (+- SE)", [("ppo", "eval/reward_gain"), ("ppo", "eval/reward_gain_se")]),
     ("KL", [("ppo", "eval/kl")]),
     ("GRPO exact match gain (+- SE)", [("grpo", "eval/exact_match_gain"), ("grpo", "eval/exact_match_gain_se")]),
+    ("honest answers (SFT -> GRPO)", [("grpo", "eval/sft_exact_match/unknown"), ("grpo", "eval/exact_match/unknown")]),
 ]
 
 

@@ -11,7 +11,8 @@ Built-in local tasks (no download; written from the held-out questions of the ta
 stage's contamination check covers):
   world_qa  generation: answer a held-out question about the built-in world; exact match (case and punctuation
             ignored), the first line of the answer.
-  world_mc  multiple choice: the right answer among up to three wrong answers of the same kind; accuracy.
+  world_mc  multiple choice: the right answer among up to three wrong answers of the same kind (kinds with one
+            answer for all, such as "The story does not say.", are left out); accuracy.
 Any other name is an lm-eval task: a YAML definition under `include_path`, or one of lm-eval's own (hellaswag,
 arc_easy, ...; those download their data from the Hugging Face hub).
 
@@ -129,6 +130,8 @@ def _world_rows(tasks_dir: Path, seed: int) -> tuple[list[dict], list[dict]]:
     qa, mc = [], []
     for i, r in enumerate(rows):
         qa.append({"question": r["prompt"], "answer": r["answer"], "kind": r.get("kind", "")})
+        if len(answers[r.get("kind", "")]) < 2:  # one answer for the whole kind ("The story does not say."):
+            continue  # no distractors of its own kind
         rng = random.Random(seed * 1_000_003 + i)  # the same distractors on every run of one seed
         wrong = sorted(answers[r.get("kind", "")] - {r["answer"]})
         rng.shuffle(wrong)

@@ -41,10 +41,12 @@ from stages.model_card import settings_of, source_of, write_model_card
 
 # GRPO / RLOO learn from the reward spread inside a group of sampled answers, with no value model: they need many
 # more sampled answers than PPO, sampling at full temperature (at 0.7 most groups of a confident policy agree and
-# teach nothing), one optimisation pass per group and a looser KL leash. Fields the user leaves unset take these
-# values when `algorithm` is grpo or rloo.
+# teach nothing), one optimisation pass per group and a looser KL leash. They leave the built-in harmful requests
+# out: refusing them earns the most reward per update, and that refusal spreads to questions phrased unlike any
+# training prompt, which the program check then counts wrong (docs/FINDINGS.md); declining is the reward model's
+# and PPO's target. Fields the user leaves unset take these values when `algorithm` is grpo or rloo.
 GROUP_DEFAULTS: dict[str, Any] = {"learning_rate": 3e-5, "kl_coef": 0.1, "temperature": 1.0, "num_ppo_epochs": 1,
-                                  "total_episodes": 16384}
+                                  "total_episodes": 16384, "exclude_kinds": ["harmful"]}
 
 
 class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
@@ -106,6 +108,10 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
         1.0, ge=0, description="GRPO/RLOO: weight of the reward model's score; 0 = the program-checked reward alone "
         "(reinforcement learning from verifiable rewards)."
     )
+    exclude_kinds: list[str] = Field(
+        [], description="RL prompts whose `kind` is one of these are left out (GRPO/RLOO default: ['harmful'], "
+        "the built-in harmful requests)."
+    )
     seed: int = Field(0, description="Random seed (rollout sampling, data order).")
     logging_steps: int = Field(1, ge=1, description="Log training metrics every N updates.")
 
@@ -114,7 +120,7 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
         if self.algorithm != "ppo":
             for name, value in GROUP_DEFAULTS.items():
                 if name not in self.model_fields_set:
-                    setattr(self, name, value)
+                    setattr(self, name, list(value) if isinstance(value, list) else value)
         if self.algorithm == "ppo" and self.batch_size % self.num_mini_batches:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of num_mini_batches="
                              f"{self.num_mini_batches}")
@@ -320,7 +326,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
 
     # everything a user can get wrong is checked before any model is trained
     src = resolve_source(cfg.dataset, tasks_dir, "rl_prompts.jsonl", "ppo.dataset")
-    prompts = load_prompts(src)
+    prompts = [p for p in load_prompts(src) if p.get("kind") not in cfg.exclude_kinds]
+    if not prompts:
+        raise StageError(f"every prompt of {src} is of a kind in ppo.exclude_kinds={cfg.exclude_kinds}; set "
+                         "ppo.exclude_kinds=[] or add prompts of other kinds.")
     heldout = optional_heldout(tasks_dir, cfg.eval_limit)
     tok = load_tokenizer(policy_dir, padding_side="left")
     reward_tok = load_tokenizer(reward_dir, padding_side="right")

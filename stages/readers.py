@@ -32,7 +32,7 @@ class BuiltinSource(BaseModel):
     type: Literal["builtin"] = Field("builtin", description="The built-in synthetic corpus and task set.")
     seed: int = Field(0, description="Seed of the generator; the same seed gives byte-identical data.")
     n_documents: int = Field(12000, ge=1, description="Pretraining documents (~250 bytes each; 12000 is ~3 MB).")
-    n_sft: int = Field(4000, ge=1, description="SFT chat examples (sft.jsonl).")
+    n_sft: int = Field(4000, ge=1, description="SFT chat examples (sft.jsonl), besides those unknown_share adds.")
     n_pref: int = Field(2000, ge=1, description="Preference pairs for the reward model (preferences.jsonl).")
     n_heldout: int = Field(1000, ge=1, description="Items in each held-out set (heldout, sft_eval, preferences_eval).")
     n_rl_prompts: int = Field(4000, ge=1, description="Training prompts for RL (rl_prompts.jsonl).")
@@ -44,6 +44,13 @@ class BuiltinSource(BaseModel):
                                      "data answers with the refusal; the rest comply, so alignment has work to do.")
     rl_harmful_share: float = Field(corpus.RL_HARMFUL_SHARE, ge=0, le=1, description="Share of the RL prompts that "
                                     "are harmful requests.")
+    unknown_share: float = Field(corpus.UNKNOWN_SHARE, ge=0, le=1, description="Questions about what the scenario "
+                                 "does not state (answer: " f"{corpus.UNKNOWN_ANSWER!r}), added to the SFT and "
+                                 "held-out files as this share of their size.")
+    rl_unknown_share: float = Field(corpus.RL_UNKNOWN_SHARE, ge=0, le=1, description="The same, added to the RL "
+                                    "prompts.")
+    sft_honest_share: float = Field(corpus.SFT_HONEST_SHARE, ge=0, le=1, description="Share of those the SFT data "
+                                    "answers honestly; the rest guess from the scenario.")
 
 
 class FilesSource(BaseModel):

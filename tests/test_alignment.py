@@ -21,8 +21,10 @@ PPO = dict(total_episodes=384, batch_size=32, num_mini_batches=2, num_ppo_epochs
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("align")
     # more requests (and refusals) in the SFT data than the default, so that a policy trained from scratch in
-    # seconds has seen enough of them to sample a refusal now and then
-    tasks = make_tasks(root, n_train=600, n_eval=60, harmful_share=0.3, sft_refusal_share=0.2)
+    # seconds has seen enough of them to sample a refusal now and then; no honesty questions (the program-checked
+    # reward's target, not PPO's: bench.alignment measures it on the tiny default)
+    tasks = make_tasks(root, n_train=600, n_eval=60, harmful_share=0.3, sft_refusal_share=0.2, unknown_share=0,
+                       rl_unknown_share=0)
     tok = make_tokenizer(root / "tok", tasks, vocab_size=400)
     make_model(root / "base", tok, hidden=64, layers=2)
     policy = sft.run(sft.Config(epochs=15, learning_rate=3e-3, batch_size=32, eval_limit=None, max_new_tokens=12),

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from stages import corpus, harmful
+from stages import corpus, harmful, honesty
 from stages.corpus import check_answer, check_response, normalize_answer
 
 SIZES = dict(n_sft=600, n_pref=300, n_heldout=100, n_rl_prompts=200, n_heldout_harmful=40)
@@ -40,12 +40,13 @@ def test_deterministic_and_seed_dependent(records):
 
 
 def test_counts(records):
-    assert len(records["sft.jsonl"]) == 600
+    # the questions their scenarios do not answer come on top of each file's size
+    assert len(records["sft.jsonl"]) == 600 + 90
     assert len(records["preferences.jsonl"]) == 300
-    assert len(records["rl_prompts.jsonl"]) == 200
-    assert len(records["heldout.jsonl"]) == 140
-    for name in ("sft_eval.jsonl", "preferences_eval.jsonl"):
-        assert len(records[name]) == 100
+    assert len(records["rl_prompts.jsonl"]) == 200 + 40
+    assert len(records["heldout.jsonl"]) == 140 + 15
+    assert len(records["sft_eval.jsonl"]) == 100 + 15
+    assert len(records["preferences_eval.jsonl"]) == 100
 
 
 def test_heldout_never_overlaps_training(records):
@@ -86,8 +87,10 @@ def test_answers_are_correct(records):
     for r in records["heldout.jsonl"] + records["rl_prompts.jsonl"]:
         context, question = _split(r["prompt"])
         kind, answer = r["kind"], r["answer"]
-        assert kind in (*corpus.TASK_KINDS, corpus.HARMFUL)
-        if kind == corpus.HARMFUL:
+        assert kind in (*corpus.TASK_KINDS, corpus.UNKNOWN, corpus.HARMFUL)
+        if kind == corpus.UNKNOWN:
+            assert answer == corpus.UNKNOWN_ANSWER and _asks_what_is_not_stated(r["prompt"]), r
+        elif kind == corpus.HARMFUL:
             assert answer == harmful.REFUSAL
             # it names someone from the scenario, or the colour and thing of someone's belonging
             owned = re.findall(r"(\w+) has an? (\w+) (\w+)", context)
@@ -108,7 +111,51 @@ def test_answers_are_correct(records):
 
 def test_all_kinds_present(records):
     kinds = {r["kind"] for r in records["heldout.jsonl"]}
-    assert kinds == {*corpus.TASK_KINDS, corpus.HARMFUL}
+    assert kinds == {*corpus.TASK_KINDS, corpus.UNKNOWN, corpus.HARMFUL}
+
+
+def _asks_what_is_not_stated(prompt: str) -> bool:
+    """An attribute phrasing about a person of the scenario, or a colour/owner question about a thing of the
+    scenario naming a person or colour it does not mention."""
+    context, question = _split(prompt)
+    owned = re.findall(r"(\w+) has an? (\w+) (\w+)", context)
+    if _template(prompt) in {_template(f"x. {p}".format(n="Mia", t="kite")) for p in honesty.GUESSES}:
+        return any(n in question for n, _, _ in owned)
+    asked = re.match(r"What color is (\w+)'s (\w+)\?|Who has the (\w+) (\w+)\?", question)
+    if not asked:
+        return False
+    who_or_color, thing = (asked[1], asked[2]) if asked[1] else (asked[3], asked[4])
+    return thing in {t for _, _, t in owned} and who_or_color not in {w for o in owned for w in o[:2]}
+
+
+def test_unknown_shares(records):
+    """Honesty is taught rarely by SFT and never by the preference pairs: the program-checked reward's target."""
+    sft = [r["messages"] for r in records["sft.jsonl"]]
+    unknown = [m[1]["content"] for m in sft if _asks_what_is_not_stated(m[0]["content"])]
+    honest = [a for a in unknown if a == corpus.UNKNOWN_ANSWER]
+    assert len(unknown) == round(corpus.UNKNOWN_SHARE * SIZES["n_sft"])  # added to the n_sft examples
+    assert len(honest) / len(unknown) == pytest.approx(corpus.SFT_HONEST_SHARE, abs=0.1)
+    assert all(_asks_what_is_not_stated(m[0]["content"]) for m in sft if m[1]["content"] == corpus.UNKNOWN_ANSWER)
+    # held-out attribute questions are phrased as no training file phrases them
+    held = {_template(r["prompt"]) for r in records["heldout.jsonl"] if r["kind"] == corpus.UNKNOWN}
+    train = {_template(p) for name in ("sft.jsonl", "rl_prompts.jsonl") for p in _prompts(records, name)}
+    phrasings = {_template(f"x. {p}".format(n="Mia", t="kite")) for p in honesty.HELDOUT_PHRASINGS}
+    assert phrasings & held and not phrasings & train
+    for name in ("preferences.jsonl", "preferences_eval.jsonl"):
+        assert not [r for r in records[name] if corpus.UNKNOWN_ANSWER in json.dumps(r)]
+    held = [r["kind"] for r in records["heldout.jsonl"]]
+    assert held.count(corpus.UNKNOWN) == round(corpus.UNKNOWN_SHARE * SIZES["n_heldout"])
+    rl = [r["kind"] for r in records["rl_prompts.jsonl"]]
+    assert rl.count(corpus.UNKNOWN) == round(corpus.RL_UNKNOWN_SHARE * SIZES["n_rl_prompts"])
+
+
+def test_without_unknown_questions_the_other_items_are_unchanged():
+    """The honesty questions are drawn apart from everything else: turning them off gives the same other items."""
+    on = corpus.task_records(seed=3, **SIZES)
+    off = corpus.task_records(seed=3, **SIZES, unknown_share=0, rl_unknown_share=0)
+    for name, rows in off.items():  # the same items (held-out requests sit at other places among more questions)
+        kept = [r for r in on[name] if not _asks_what_is_not_stated(_prompts({name: [r]}, name)[0])]
+        assert sorted(map(json.dumps, kept)) == sorted(map(json.dumps, rows)), name
 
 
 def _template(prompt: str) -> str:
@@ -193,7 +240,7 @@ def test_file_formats(tmp_path):
     assert pref["prompt"][0]["role"] == "user" and pref["chosen"][0]["role"] == "assistant"
     held = json.loads((tmp_path / "heldout.jsonl").read_text().splitlines()[0])
     assert set(held) == {"prompt", "answer", "kind"}
-    assert json.loads((tmp_path / "manifest.json").read_text())["files"]["sft.jsonl"]["rows"] == 20
+    assert json.loads((tmp_path / "manifest.json").read_text())["files"]["sft.jsonl"]["rows"] == 20 + 3
 
 
 def test_pretraining_text_is_plain_prose():

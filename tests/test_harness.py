@@ -29,6 +29,9 @@ def test_world_tasks_are_the_benign_heldout_questions_with_same_kind_distractors
     mc = [json.loads(x) for x in (tmp_path / "world_mc.jsonl").read_text().splitlines()]
     assert [(r["question"], r["answer"]) for r in qa] == [(r["prompt"], r["answer"]) for r in benign]
     answers_of = {k: {r["answer"] for r in benign if r["kind"] == k} for k in {r["kind"] for r in benign}}
+    # questions the story does not answer share one answer: no distractors of their kind, so not multiple choice
+    assert answers_of["unknown"] == {"The story does not say."}
+    benign = [r for r in benign if r["kind"] != "unknown"]
     for row, src in zip(mc, benign, strict=True):
         assert row["choices"][row["label"]] == src["answer"] and len(set(row["choices"])) == len(row["choices"])
         assert set(row["choices"]) <= answers_of[src["kind"]] and 2 <= len(row["choices"]) <= 4

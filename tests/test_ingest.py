@@ -179,7 +179,7 @@ def test_changing_only_task_sizes_keeps_the_corpus(tmp_path):
     src = ingest.BuiltinSource(n_documents=400, n_sft=31, n_pref=20, n_heldout=10, n_rl_prompts=10)
     b = ingest.run(ingest.Config(sources=[src]), None, tmp_path)
     assert shard.stat().st_mtime_ns == before
-    assert sum(1 for _ in open(b.outputs["tasks"] / "sft.jsonl")) == 31
+    assert sum(1 for _ in open(b.outputs["tasks"] / "sft.jsonl")) == 31 + 5  # + questions the story does not answer
 
 
 def test_planted_contamination_is_found_named_and_keeps_the_model_from_champion(tmp_path):

@@ -118,6 +118,10 @@ def test_bad_inputs_fail_before_training(setup, tmp_path):
     bad.write_text("")
     with pytest.raises(StageError, match="empty"):
         ppo.run(ppo.Config(dataset=str(bad)), _inputs(root, tasks), tmp_path / "o")
+    # GRPO leaves the harmful requests out by default: a file of nothing else leaves no prompt
+    bad.write_text(json.dumps({"prompt": "Help me smash the red kite.", "answer": "x", "kind": "harmful"}) + "\n")
+    with pytest.raises(StageError, match=r"ppo.exclude_kinds=\['harmful'\]"):
+        ppo.run(ppo.Config(algorithm="grpo", dataset=str(bad)), _inputs(root, tasks), tmp_path / "o")
     with pytest.raises(StageError, match="fewer than ppo.batch_size"):
         ppo.run(ppo.Config(batch_size=64, num_mini_batches=1), _inputs(root, tasks), tmp_path / "o")
     with pytest.raises(ValueError, match="multiple of num_mini_batches"):
