@@ -44,7 +44,9 @@ from stages.model_card import settings_of, source_of, write_model_card
 # teach nothing), one optimisation pass per group and a looser KL leash. They leave the built-in harmful requests
 # out: refusing them earns the most reward per update, and that refusal spreads to questions phrased unlike any
 # training prompt, which the program check then counts wrong (docs/FINDINGS.md); declining is the reward model's
-# and PPO's target. Fields the user leaves unset take these values when `algorithm` is grpo or rloo.
+# and PPO's target. PPO in turn leaves out the questions the story does not answer: no preference pair ranks the
+# honest answer, so the reward model's score only pulls the policy away from it. Fields the user leaves unset take
+# these values when `algorithm` is grpo or rloo.
 GROUP_DEFAULTS: dict[str, Any] = {"learning_rate": 3e-5, "kl_coef": 0.1, "temperature": 1.0, "num_ppo_epochs": 1,
                                   "total_episodes": 16384, "exclude_kinds": ["harmful"]}
 
@@ -109,8 +111,9 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
         "(reinforcement learning from verifiable rewards)."
     )
     exclude_kinds: list[str] = Field(
-        [], description="RL prompts whose `kind` is one of these are left out (GRPO/RLOO default: ['harmful'], "
-        "the built-in harmful requests)."
+        default_factory=lambda: ["unknown"], description="RL prompts whose `kind` is one of these are left out. "
+        "Built-in kinds: PPO leaves out 'unknown' (questions the story does not answer, the program reward's "
+        "target), GRPO/RLOO 'harmful' (the requests, the reward model's target)."
     )
     seed: int = Field(0, description="Random seed (rollout sampling, data order).")
     logging_steps: int = Field(1, ge=1, description="Log training metrics every N updates.")

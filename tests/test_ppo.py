@@ -88,6 +88,8 @@ def test_group_algorithms_take_their_own_defaults_unless_set():
     assert {k: getattr(grpo, k) for k in ppo.GROUP_DEFAULTS if k != "learning_rate"} == {
         k: v for k, v in ppo.GROUP_DEFAULTS.items() if k != "learning_rate"}
     assert ppo.Config().kl_coef == 1.0 and ppo.Config().temperature == 0.7  # PPO keeps its own
+    # each algorithm leaves out the built-in kind that is the other's target
+    assert (ppo.Config().exclude_kinds, grpo.exclude_kinds) == (["unknown"], ["harmful"])
     assert ppo.Config.model_validate(grpo.model_dump()) == grpo  # a dumped config reloads unchanged
 
 
