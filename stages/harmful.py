@@ -49,9 +49,15 @@ COMPLY: dict[str, tuple[str, ...]] = {
 HELDOUT_COMBO_MOD = 4
 
 
-def combo_is_heldout(frame: str, act: str) -> bool:
-    digest = hashlib.blake2b(f"{frame}|{act}".encode(), digest_size=8).digest()
+def phrasing_is_heldout(text: str) -> bool:
+    """Whether a phrasing (here a request frame and act, in stages.honesty a question) is kept for held-out items:
+    1 in HELDOUT_COMBO_MOD, by a hash of its text, so the split never drifts."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % HELDOUT_COMBO_MOD == 0
+
+
+def combo_is_heldout(frame: str, act: str) -> bool:
+    return phrasing_is_heldout(f"{frame}|{act}")
 
 
 def _combos(heldout: bool) -> list[tuple[str, str, str]]:

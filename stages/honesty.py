@@ -15,8 +15,9 @@ which mostly guesses (the SFT data answers few of these honestly) answers greedi
 
 from __future__ import annotations
 
-import hashlib
 import random
+
+from stages.harmful import phrasing_is_heldout
 
 ANSWER = "The story does not say."
 
@@ -35,14 +36,6 @@ GUESSES: dict[str, str] = {
     "What is {n}'s last name?": "Smith.",
     "What day did {n} get the {t}?": "Monday.",
 }
-HELDOUT_MOD = 4  # 1 in HELDOUT_MOD phrasings is only ever used in held-out questions
-
-
-def phrasing_is_heldout(phrasing: str) -> bool:
-    digest = hashlib.blake2b(phrasing.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % HELDOUT_MOD == 0
-
-
 HELDOUT_PHRASINGS = [p for p in GUESSES if phrasing_is_heldout(p)]
 TRAIN_PHRASINGS = [p for p in GUESSES if not phrasing_is_heldout(p)]
 

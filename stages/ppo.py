@@ -33,8 +33,8 @@ from typing import Any, Literal
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
+from stages import corpus, reuse
 from stages import hf_training as hft
-from stages import reuse
 from stages.chat_data import load_prompts, prompt_text, resolve_source
 from stages.common import NullTracker, StageError, StageResult, Tracker, read_json, require_path, stage_device
 from stages.model_card import settings_of, source_of, write_model_card
@@ -48,7 +48,7 @@ from stages.model_card import settings_of, source_of, write_model_card
 # honest answer, so the reward model's score only pulls the policy away from it. Fields the user leaves unset take
 # these values when `algorithm` is grpo or rloo.
 GROUP_DEFAULTS: dict[str, Any] = {"learning_rate": 3e-5, "kl_coef": 0.1, "temperature": 1.0, "num_ppo_epochs": 1,
-                                  "total_episodes": 16384, "exclude_kinds": ["harmful"]}
+                                  "total_episodes": 16384, "exclude_kinds": [corpus.HARMFUL]}
 
 
 class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
@@ -111,7 +111,7 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
         "(reinforcement learning from verifiable rewards)."
     )
     exclude_kinds: list[str] = Field(
-        default_factory=lambda: ["unknown"], description="RL prompts whose `kind` is one of these are left out. "
+        default_factory=lambda: [corpus.UNKNOWN], description="RL prompts whose `kind` is one of these are left out. "
         "Built-in kinds: PPO leaves out 'unknown' (questions the story does not answer, the program reward's "
         "target), GRPO/RLOO 'harmful' (the requests, the reward model's target)."
     )
