@@ -83,12 +83,14 @@ def cmd_generate(args: argparse.Namespace, resolve_ref: ResolveRef) -> int:
         print(args.prompt, end="", flush=True)
     new: list[int] = []
     shown = ""
+    ended = False  # by the model (a stop token), not by --max-new-tokens
     start = time.perf_counter()
     for step in stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id or 0, seed=args.seed,
                        compile=args.compile):
         t = step[0]
         if t is None or t in tok.stop_ids:
+            ended = t is not None
             break
         new.append(t)
         text = tok.decode(new)
@@ -98,7 +100,7 @@ def cmd_generate(args: argparse.Namespace, resolve_ref: ResolveRef) -> int:
     elapsed = time.perf_counter() - start
     print(tok.decode(new)[len(shown):])
     print(f"[{len(new)} tokens in {elapsed:.2f}s, {len(new) / max(elapsed, 1e-9):.1f} tok/s, {cfg.family}, "
-          f"{device}]", file=sys.stderr)
+          f"{device}, {'ended by the model' if ended else 'stopped at --max-new-tokens'}]", file=sys.stderr)
     return 0
 
 
