@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import re
 import uuid
 import warnings
@@ -72,6 +73,20 @@ def quiet_port_warning() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def environ_kept() -> Iterator[None]:
+    """Restores this process's environment after a local cluster: each Dask nanny sets `OMP_NUM_THREADS=1` (and
+    the MKL/OpenBLAS equivalents) in its parent's `os.environ` before it spawns a worker, and every process
+    started later (torchrun's training workers, a stage's subprocesses) would inherit one thread."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in before.items() if os.environ.get(k) != v})
+
+
 def in_order(submit: Callable[[Any, str], Any], result: Callable[[Any], Any], items: Iterable[Any],
              labels: Iterable[str] | None, window: int) -> Iterator[Any]:
     """Submit units while fewer than `window` are unfinished and yield their results in submission order."""
@@ -119,10 +134,11 @@ def dask_mapper(workers: int, address: str | None, stage: str) -> Iterator[Mappe
         with client:
             yield DaskMapper(client, IN_FLIGHT_PER_WORKER * max(workers, cluster_threads(client)))
         return
-    with quiet_port_warning():
-        cluster = distributed.LocalCluster(**local_cluster_kwargs(workers))
-    with cluster, distributed.Client(cluster, set_as_default=False) as client:
-        yield DaskMapper(client, IN_FLIGHT_PER_WORKER * workers)
+    with environ_kept():
+        with quiet_port_warning():
+            cluster = distributed.LocalCluster(**local_cluster_kwargs(workers))
+        with cluster, distributed.Client(cluster, set_as_default=False) as client:
+            yield DaskMapper(client, IN_FLIGHT_PER_WORKER * workers)
 
 
 _FACTORY: contextvars.ContextVar[MapperFactory] = contextvars.ContextVar("fanout_mapper", default=dask_mapper)

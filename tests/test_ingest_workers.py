@@ -5,6 +5,7 @@ built in one process. Run: .venv/bin/pytest tests/test_ingest_workers.py"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -70,8 +71,12 @@ def test_the_corpus_exercises_dedup_quarantine_and_several_shards(single):
 
 def test_two_workers_give_the_same_bytes(single, tmp_path):
     paths, one = single
+    environ = dict(os.environ)
     two = ingest.run(config(paths, workers=2), None, tmp_path / "two")
     assert_same_corpus(one, two)
+    # Dask's nannies set OMP_NUM_THREADS=1 here to pass it to their workers; a training stage started after
+    # ingest in the same process would pass it on to its own workers.
+    assert dict(os.environ) == environ
 
 
 def test_a_corpus_built_with_workers_is_reused_by_one_worker(single, tmp_path):
@@ -144,8 +149,10 @@ def test_units_run_as_prefect_tasks_with_the_same_bytes(single, tmp_path):
     ff.prefect_harness()
     paths, one = single
     wd = ff.work_dir(tmp_path)
+    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     state = ingest_flow(config=config(paths, workers=2), pipeline=ff.section(wd), return_state=True)
     assert state.is_completed(), state
+    assert {k: os.environ.get(k) for k in threads} == threads
     (corpus_dir,) = (wd / "stages" / "ingest").glob("*/corpus")
     assert tree(corpus_dir) == tree(one.outputs["corpus"])
     flow_run_id = state.state_details.flow_run_id

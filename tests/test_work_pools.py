@@ -35,7 +35,9 @@ def prefect_stack(tmp_path):
     port = _free_port()
     env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")},
            "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           # Workers look for new runs every 10 s by default; the test hands a dozen stage runs from pool to pool.
+           "PREFECT_WORKER_QUERY_SECONDS": "1"}
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = [subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
