@@ -61,7 +61,7 @@ def prefect_dask_mapper(workers: int, address: str | None, stage: str) -> Iterat
         runner = DaskTaskRunner(address=address, client_kwargs={"timeout": fanout.CONNECT_TIMEOUT_S})
     else:
         runner = DaskTaskRunner(cluster_kwargs=fanout.local_cluster_kwargs(workers))
-    with fanout.environ_kept(), runner:
+    with runner:
         try:
             with fanout.quiet_port_warning():
                 client = runner.client  # connects (or starts the local cluster) now, not at the first unit

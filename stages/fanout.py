@@ -75,9 +75,10 @@ def quiet_port_warning() -> Iterator[None]:
 
 @contextlib.contextmanager
 def environ_kept() -> Iterator[None]:
-    """Restores this process's environment after a local cluster: each Dask nanny sets `OMP_NUM_THREADS=1` (and
-    the MKL/OpenBLAS equivalents) in its parent's `os.environ` before it spawns a worker, and every process
-    started later (torchrun's training workers, a stage's subprocesses) would inherit one thread."""
+    """Restores this process's environment after a mapper: each Dask nanny of a local cluster sets
+    `OMP_NUM_THREADS=1` (and the MKL/OpenBLAS equivalents) in its parent's `os.environ` before it spawns a worker,
+    and every process started later (torchrun's training workers, a stage's subprocesses) would inherit one
+    thread."""
     before = dict(os.environ)
     try:
         yield
@@ -134,11 +135,10 @@ def dask_mapper(workers: int, address: str | None, stage: str) -> Iterator[Mappe
         with client:
             yield DaskMapper(client, IN_FLIGHT_PER_WORKER * max(workers, cluster_threads(client)))
         return
-    with environ_kept():
-        with quiet_port_warning():
-            cluster = distributed.LocalCluster(**local_cluster_kwargs(workers))
-        with cluster, distributed.Client(cluster, set_as_default=False) as client:
-            yield DaskMapper(client, IN_FLIGHT_PER_WORKER * workers)
+    with quiet_port_warning():
+        cluster = distributed.LocalCluster(**local_cluster_kwargs(workers))
+    with cluster, distributed.Client(cluster, set_as_default=False) as client:
+        yield DaskMapper(client, IN_FLIGHT_PER_WORKER * workers)
 
 
 _FACTORY: contextvars.ContextVar[MapperFactory] = contextvars.ContextVar("fanout_mapper", default=dask_mapper)
@@ -154,11 +154,14 @@ def using(factory: MapperFactory) -> Iterator[None]:
         _FACTORY.reset(token)
 
 
-def open_mapper(workers: int, address: str | None, stage: str) -> contextlib.AbstractContextManager[Mapper]:
+@contextlib.contextmanager
+def open_mapper(workers: int, address: str | None, stage: str) -> Iterator[Mapper]:
     """A mapper over `workers` local processes, or the Dask scheduler at `address`; error messages name the
-    settings `<stage>.workers` and `<stage>.dask_address`."""
+    settings `<stage>.workers` and `<stage>.dask_address`. Whichever factory runs the units, this process's
+    environment is the same afterwards (`environ_kept`)."""
     if workers < 1:
         raise StageError(f"{stage}.workers={workers}: needs at least 1 (1 runs in this process).")
     if address:
         check_address(address, f"{stage}.dask_address")
-    return _FACTORY.get()(workers, address, stage)
+    with environ_kept(), _FACTORY.get()(workers, address, stage) as mapper:
+        yield mapper
