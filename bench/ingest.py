@@ -4,7 +4,13 @@ of the same Parquet files (the floor any Parquet-to-Parquet step pays), target r
 >= 1.4x for 2 workers on 2 cores. `fanout on a running cluster` times the same against a cluster started once,
 outside the timing (`ingest.dask_address`): the cost of the fan-out without the cluster's start-up.
 
+`--compressed`: the stage reading one .jsonl.gz file (gzip level 6) against the same corpus as plain .jsonl,
+target ratio >= 0.5, and the peak memory (RSS high-water mark) of each; every ingest runs in a fresh process that
+imports only the stage, so the peak is the stage's own. Streaming keeps that peak flat as the input grows: run it
+at --mb 256 and --mb 1024 (target: the compressed peaks within 20 % of each other).
+
     python -m bench.ingest [--quick] [--json] [--mb 64] [--repeats 3] [--workers 2] [--files 4]
+    python -m bench.ingest --compressed [--json] [--mb 1024] [--repeats 2]
 
 Prints MB/s of document text for each and the ratios; with --json the last line is one JSON object.
 """
@@ -13,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import json
 import os
+import random
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -128,6 +138,106 @@ def report(size: float, n_files: int, args: argparse.Namespace, best: dict[str, 
     return result
 
 
+def write_jsonl_corpus(path: Path, target_mb: float, doc_bytes: int = 2000) -> tuple[int, int]:
+    """`path` (.jsonl) and `path`.gz (gzip level 6) holding the same documents of about `doc_bytes` each, `target_mb`
+    of text in all, written as they are generated (a 1 GB corpus never sits in memory); (text bytes, documents).
+
+    Documents join random built-in stories behind a running number, so they are distinct however large the corpus
+    (the built-in generator alone is too slow for gigabytes); as in `make_inputs`, a few percent are duplicates
+    and carry CRLF / control characters."""
+    pool = [d for seed in range(4) for d in corpus.pretraining_documents(seed, 4000)]
+    rng = random.Random(0)
+    size = n = 0
+    with open(path, "wb") as plain, gzip.open(f"{path}.gz", "wb", compresslevel=6) as packed:
+        while size < target_mb * 1e6:
+            lines = []
+            for _ in range(1000):
+                parts, length = [f"Document {n}."], 0
+                while length < doc_bytes:
+                    parts.append(rng.choice(pool))
+                    length += len(parts[-1]) + 1
+                text = "\n".join(parts)
+                if n % 50 == 0:
+                    text = text.replace("\n", "\r\n") + "\x07"
+                lines.append(json.dumps({"text": text}))
+                if n % 40 == 0:
+                    lines.append(lines[-1])
+                size += len(text.encode()) * (1 + (n % 40 == 0))
+                n += 1
+            block = ("\n".join(lines) + "\n").encode()
+            plain.write(block)
+            packed.write(block)
+    return size, n
+
+
+# One ingest in a fresh interpreter that imports only the stage (the bench's own imports, torch among them, would
+# dominate the peak memory); prints its wall time.
+_INGEST_CHILD = """
+import json, sys, time
+from stages import ingest
+cfg = ingest.Config(sources=[ingest.FilesSource(paths=[sys.argv[1]])])
+t0 = time.perf_counter()
+res = ingest.run(cfg, None, sys.argv[2])
+print(json.dumps({"seconds": time.perf_counter() - t0, "rows": res.metrics["rows"]}))
+"""
+
+
+def ingest_in_child(src: Path, out: Path) -> tuple[float, float, int]:
+    """(wall seconds of `ingest.run`, peak RSS of the process in MB, rows kept) for one ingest of `src`."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _INGEST_CHILD, str(src), str(out)], stdout=subprocess.PIPE,
+                            env=env, cwd=Path(__file__).resolve().parent.parent)
+    stdout = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the maximum over all children
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"the ingest of {src} failed (exit {proc.returncode}); see its output above")
+    result = json.loads(stdout.decode().strip().splitlines()[-1])
+    return result["seconds"], usage.ru_maxrss / 1024, result["rows"]  # ru_maxrss: KiB on Linux
+
+
+def compressed_main(args: argparse.Namespace) -> dict:
+    mb, repeats = args.mb or (64 if args.quick else 1024), args.repeats or 2
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-gz-") as tmp:
+        work = Path(tmp)
+        plain = work / "corpus.jsonl"
+        t0 = time.perf_counter()
+        size, n_docs = write_jsonl_corpus(plain, mb, args.doc_bytes)
+        print(f"wrote {size / 1e6:.0f} MB of text in {n_docs} distinct documents ({plain.stat().st_size / 1e6:.0f} MB as "
+              f"JSONL, {Path(f'{plain}.gz').stat().st_size / 1e6:.0f} MB as .jsonl.gz) in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        runs: dict[str, list[tuple[float, float, int]]] = {"plain": [], "gzip": []}
+        for _ in range(repeats):  # the sides alternate, so load from other processes hits both alike
+            for name, src in (("plain", plain), ("gzip", Path(f"{plain}.gz"))):
+                runs[name].append(ingest_in_child(src, work / f"out-{name}"))
+                shutil.rmtree(work / f"out-{name}")
+        gz_mb = Path(f"{plain}.gz").stat().st_size / 1e6
+    if runs["plain"][0][2] != runs["gzip"][0][2]:
+        raise SystemExit(f"the two ingests kept different rows: {runs['plain'][0][2]} vs {runs['gzip'][0][2]}")
+    best = {k: min(r[0] for r in v) for k, v in runs.items()}
+    peak = {k: max(r[1] for r in v) for k, v in runs.items()}
+    mbs = {k: size / 1e6 / t for k, t in best.items()}
+    result = {
+        "bench": "ingest-compressed",
+        "input_mb": round(size / 1e6, 2),
+        "gzip_file_mb": round(gz_mb, 2),
+        "documents": n_docs,
+        "rows_kept": runs["plain"][0][2],
+        "cpus": os.cpu_count(),
+        "plain_mb_s": round(mbs["plain"], 2),
+        "gzip_mb_s": round(mbs["gzip"], 2),
+        "ratio": round(mbs["gzip"] / mbs["plain"], 3),
+        "target": 0.5,
+        "peak_rss_mb_plain": round(peak["plain"], 1),
+        "peak_rss_mb_gzip": round(peak["gzip"], 1),
+    }
+    print(f"{'ingest corpus.jsonl':<36}{mbs['plain']:>10.1f} MB/s, peak RSS {peak['plain']:.0f} MB")
+    print(f"{'ingest corpus.jsonl.gz':<36}{mbs['gzip']:>10.1f} MB/s, peak RSS {peak['gzip']:.0f} MB")
+    print(f"ratio gzip/plain: {result['ratio']:.3f} (target >= 0.5); compare the peak at --mb 256 and --mb 1024 "
+          f"(target: within 20 %)")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_repeat_args(ap, "small input (~16 MB), 3 repeats: under a minute on 2 cores")
@@ -135,7 +245,14 @@ def main() -> None:
     ap.add_argument("--doc-bytes", type=int, default=2000, help="approximate document size (web text: ~2-5 KB)")
     ap.add_argument("--workers", type=int, default=2, help="ingest.workers of the fan-out runs (1: skip them)")
     ap.add_argument("--files", type=int, default=4, help="input Parquet files (the fan-out's units)")
+    ap.add_argument("--compressed", action="store_true", help="a .jsonl.gz corpus against the same .jsonl: "
+                    "throughput ratio and peak memory (--mb defaults to 1024, --repeats to 2)")
     args = ap.parse_args()
+    if args.compressed:
+        result = compressed_main(args)
+        if args.json:
+            print(json.dumps(result))
+        return
     mb = args.mb or (16 if args.quick else 64)
     repeats = args.repeats or (3 if args.quick else 5)
 

@@ -1,4 +1,5 @@
-"""The cache key of a stage run: its config, the content hashes of its inputs, and the version of its code.
+"""The cache key of a stage run: its config, the content hashes of its inputs, the fingerprints of the files and
+datasets its config points at (flows.external), and the version of its code.
 
 The code version covers the stage's module, every project module it imports (found statically, transitively) and
 the versions of the libraries that compute the result, so editing another stage's module reuses this one's runs.
@@ -91,9 +92,12 @@ def code_version(spec: StageSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(stage: str, cfg: BaseModel, input_hashes: Mapping[str, str], code: str) -> str:
+def cache_key(stage: str, cfg: BaseModel, input_hashes: Mapping[str, str], code: str,
+              external: Mapping[str, str] | None = None) -> str:
+    """`external`: fingerprints of the files and datasets the config points at (flows.external)."""
     blob = json.dumps(
-        {"stage": stage, "config": cfg.model_dump(mode="json"), "inputs": dict(input_hashes), "code": code},
+        {"stage": stage, "config": cfg.model_dump(mode="json"), "inputs": dict(input_hashes), "code": code,
+         "external": dict(external or {})},
         sort_keys=True,
         default=str,
     )

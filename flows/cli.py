@@ -87,7 +87,10 @@ def _join(server: TemporaryPrefect | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.preflight import check_inputs
+
     cfg = _load(args)
+    check_inputs(cfg)  # every source and dataset, before any server, run or folder is made
     starting = prestart_prefect()
     tracking = _check_tracking(cfg)  # a dead tracking server fails here, before any compute
     # Importing builds the flows (stage modules, Prefect) while the temporary server starts.
@@ -110,7 +113,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    from flows.preflight import check_inputs
+
     cfg = _load(args)
+    check_inputs(cfg, [args.name])
     starting = prestart_prefect()
     tracking = _check_tracking(cfg)
     # Importing builds the flows (stage modules, Prefect) while the temporary server starts.

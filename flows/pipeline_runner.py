@@ -19,6 +19,7 @@ from flows.lineage import TAG_PIPELINE, fetch_artifact
 from flows.locks import file_lock
 from flows.pools import run_via_deployment
 from flows.prefect_ui import pipeline_summary_markdown, publish_pipeline_summary, record_cached_stage
+from flows.preflight import check_after_tokenizer, check_inputs
 from flows.promotion import TAG_PROMOTION, Verdict, judge, promote
 from flows.report import publish_report
 from flows.specs import STAGES, PipelineSection, StageSpec
@@ -132,6 +133,7 @@ def _run_stages(
     client = tracking.client
     outcomes: list[StageOutcome] = []
     runs: dict[str, str] = {}
+    fit_checked = False
     for spec in specs:
         upstream = {s: runs[s] for s in spec.upstream_stages}
         hit = None
@@ -139,10 +141,15 @@ def _run_stages(
             # An unchanged stage is looked up here rather than in a subflow: a cached rerun then costs a few
             # MLflow queries per stage instead of a Prefect flow run each.
             t = time.monotonic()
-            hit, *_ = find_reusable(spec, getattr(cfg, spec.name), tracking, upstream=upstream)
+            hit = find_reusable(spec, getattr(cfg, spec.name), tracking, upstream=upstream).hit
             if hit is not None:
                 hit.wall_s = time.monotonic() - t
                 log.info("stage %s: unchanged (config, inputs, code); reusing MLflow run %s", spec.name, hit.run_id)
+        if hit is None and not fit_checked and spec.name not in ("ingest", "tokenizer") and "tokenizer" in runs:
+            # before the first stage after the tokenizer computes (pretraining, hours on a GPU): the post-training
+            # data against the tokenizer and the model's context
+            _check_fit(cfg, outcomes, tracking)
+            fit_checked = True
         params = dict(config=getattr(cfg, spec.name), pipeline=cfg.pipeline, force=force, upstream=upstream,
                       parent_run_id=pid)  # fmt: skip
         if hit is not None:
@@ -159,6 +166,23 @@ def _run_stages(
         if o.metrics:
             client.log_batch(pid, metrics=_metrics(spec.name, o.metrics))
     return outcomes
+
+
+def _check_fit(cfg: BaseModel, outcomes: Sequence[StageOutcome], tracking: Tracking) -> None:
+    by = {o.stage: o for o in outcomes}
+    work_dir = Path(cfg.pipeline.work_dir).resolve()
+
+    def local(stage: str, output: str) -> Path | None:
+        o = by.get(stage)
+        if o is None or not o.outputs.get(output):
+            return None
+        return fetch_artifact(tracking, o.run_id, o.outputs[output], o.output_hashes[output], work_dir)
+
+    tok_dir = local("tokenizer", "tokenizer")
+    # (pipelines of other stages, as in tests, have no chat tokenizer to check with)
+    if (tok_dir is not None and (tok_dir / "tokenizer.json").exists()
+            and all(hasattr(cfg, s) for s in ("pretrain", "sft", "reward", "ppo"))):
+        check_after_tokenizer(cfg, tok_dir, local("ingest", "tasks"))
 
 
 def _run_under(
@@ -210,6 +234,8 @@ def run_pipeline(
     """Body of the pipeline flow (Prefect-agnostic apart from the stage flows it calls)."""
     section: PipelineSection = cfg.pipeline
     force = force or section.force
+    if all(hasattr(cfg, s) for s in ("ingest", "sft", "reward", "ppo", "evaluate")):
+        check_inputs(cfg)  # a run from the UI checks here; `llm-pipeline run` already did, before Prefect started
     tracking = setup_tracking(section.experiment, section.work_dir, section.offline_tracking)
     t0 = time.monotonic()
     parent = tracking.client.create_run(

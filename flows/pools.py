@@ -52,7 +52,7 @@ def run_via_deployment(spec: StageSpec, cfg: BaseModel, params: Mapping[str, Any
     if state is None or not state.is_completed():
         raise StageError(f"stage {spec.name} ended {state.name if state else 'without a state'} in its work pool "
                          f"(flow run {run.name}): {state.message if state else ''}")
-    hit, *_ = find_reusable(spec, cfg, tracking, upstream=upstream)
+    hit = find_reusable(spec, cfg, tracking, upstream=upstream).hit
     if hit is None:
         raise StageError(f"stage {spec.name}'s flow run {run.name} completed, but MLflow holds no finished run "
                          "with its cache key: do the workers and this process use the same MLflow server?")

@@ -40,13 +40,15 @@ def contaminated(metrics: Mapping[str, float], max_rate: float) -> list[str]:
 def judge(metrics: Mapping[str, float], max_exact_match_drop: float, max_kl: float,
           contamination: Mapping[str, float] | None = None, max_contamination: float = 0.0) -> Verdict:
     """The final stage's held-out metrics against the gates: exact match not lower than the SFT policy's by more
-    than `max_exact_match_drop`, KL to the SFT policy under `max_kl`, and no evaluation set contaminated above
-    `max_contamination` (a share of its items; `contamination` holds the ingest stage's metrics). A gate whose
-    metric was not measured (no held-out set) fails: nothing vouches for the model."""
+    than `max_exact_match_drop` (when the held-out prompts have expected answers), KL to the SFT policy under
+    `max_kl`, and no evaluation set contaminated above `max_contamination` (a share of its items; `contamination`
+    holds the ingest stage's metrics). Without a held-out set nothing vouches for the model: it fails."""
     failed = contaminated(contamination or {}, max_contamination)
     em, sft_em, kl = (metrics.get(k) for k in ("eval/exact_match", "eval/sft_exact_match", "eval/kl"))
-    if em is None or sft_em is None:
-        failed.append("exact match not measured (no held-out set)")
+    if (em is None or sft_em is None) and kl is None:
+        failed.append("nothing measured on held-out prompts (no held-out set)")
+    elif em is None or sft_em is None:
+        pass  # held-out prompts without expected answers (a user's chat data): no exact match to hold the line
     elif em < sft_em - max_exact_match_drop:
         failed.append(f"exact match {em:.3f} is {sft_em - em:.3f} below the SFT policy's {sft_em:.3f} "
                       f"(pipeline.promotion_max_exact_match_drop={max_exact_match_drop:g})")

@@ -132,6 +132,9 @@ def render_markdown(card: Mapping[str, Any], curves: Sequence[str] = ()) -> str:
         for metric, v in card["lm_eval"].items():
             lines.append(f"| {metric} | {_num(v.get('base'))} | {_num(v.get('SFT'))} | {_num(v.get('aligned'))} | "
                          f"{_change(v, 'base', 'SFT')} | {_change(v, 'SFT', 'aligned')} |")
+    elif any(s["stage"] == "evaluate" for s in card["stages"]):
+        lines += ["", "Standard evaluation: none, no lm-eval tasks named (set evaluate.tasks: lm-eval's own tasks, or "
+                  "yours defined under evaluate.include_path)."]
     if curves:
         lines += ["", *[f"![{Path(c).stem}]({c})" for c in curves]]
     return "\n".join(lines) + "\n"

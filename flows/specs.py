@@ -47,12 +47,17 @@ STAGES: tuple[StageSpec, ...] = (
         {"tokenizer": ("tokenizer", "tokenizer"), "tokens": ("tokenizer", "tokens"), "tasks": ("ingest", "tasks")},
         optional=frozenset({"tasks"}),
     ),
-    StageSpec("sft", "stages.sft", {"model": ("pretrain", "hf"), "tasks": ("ingest", "tasks")}),
-    StageSpec("reward", "stages.reward", {"model": ("sft", "hf"), "tasks": ("ingest", "tasks")}),
+    # `tasks` (the built-in world's task data) feeds only the datasets a config leaves empty: a pipeline on the
+    # user's own data runs without it, and the config check (flows.preflight) says which setting lacks data.
+    StageSpec("sft", "stages.sft", {"model": ("pretrain", "hf"), "tasks": ("ingest", "tasks")},
+              optional=frozenset({"tasks"})),
+    StageSpec("reward", "stages.reward", {"model": ("sft", "hf"), "tasks": ("ingest", "tasks")},
+              optional=frozenset({"tasks"})),
     StageSpec(
         "ppo",
         "stages.ppo",
         {"policy": ("sft", "hf"), "reward_model": ("reward", "hf"), "tasks": ("ingest", "tasks")},
+        optional=frozenset({"tasks"}),
     ),
     StageSpec(
         "evaluate",

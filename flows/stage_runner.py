@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from flows.cache_key import cache_key, code_version
+from flows.external import fingerprints
 from flows.lineage import (
     PARENT_TAG,
     TAG_CACHE_KEY,
@@ -163,6 +164,18 @@ def _start_system_metrics(tracking: Tracking, run_id: str) -> Any | None:
         return None
 
 
+@dataclass
+class Lookup:
+    """What deciding on reuse found: the upstream runs, the input refs, the external inputs' fingerprints, the
+    cache key, and the finished run with that key if there is one."""
+
+    hit: StageOutcome | None
+    runs: dict[str, Any]
+    refs: list[InputRef]
+    external: dict[str, str]
+    key: str
+
+
 def find_reusable(
     spec: StageSpec,
     cfg: BaseModel,
@@ -170,13 +183,14 @@ def find_reusable(
     *,
     from_run: Sequence[str] | None = None,
     upstream: Mapping[str, str] | None = None,
-) -> tuple[StageOutcome | None, dict[str, Any], list[InputRef], str]:
+) -> Lookup:
     """Upstream runs, input refs and cache key of a stage, plus the finished run with that key if there is one."""
     runs = resolve_upstream(tracking, spec, from_run, upstream)
     refs = input_refs(spec, runs)
-    key = cache_key(spec.name, cfg, {r.name: r.sha256 for r in refs}, code_version(spec))
+    external = fingerprints(cfg)
+    key = cache_key(spec.name, cfg, {r.name: r.sha256 for r in refs}, code_version(spec), external)
     hit = find_cached(tracking, spec.name, key)
-    return (outcome_from_run(tracking, hit, reused=True) if hit else None), runs, refs, key
+    return Lookup(outcome_from_run(tracking, hit, reused=True) if hit else None, runs, refs, external, key)
 
 
 @dataclass
@@ -203,10 +217,12 @@ class _NewRun:
 
 def _create_run(
     tracking: Tracking, spec: StageSpec, key: str, runs: Mapping[str, Any], refs: Sequence[InputRef],
-    parent_run_id: str | None,
+    parent_run_id: str | None, external: Mapping[str, str],
 ) -> str:  # fmt: skip
-    """A new MLflow run for the stage, tagged with its cache key, code version, lineage and inputs."""
+    """A new MLflow run for the stage, tagged with its cache key, code version, lineage, inputs and the fingerprints
+    of the files and datasets its config points at (`llm.external.<field>`)."""
     tags = {
+        **{f"llm.external.{field}": fp for field, fp in external.items()},
         TAG_STAGE: spec.name,
         TAG_CACHE_KEY: key,
         TAG_CODE: code_version(spec),
@@ -313,28 +329,30 @@ def run_stage(
     tracking = tracking or setup_tracking(pipeline.experiment, pipeline.work_dir, pipeline.offline_tracking)
     work_dir = Path(pipeline.work_dir).resolve()
 
-    hit, runs, refs, key = find_reusable(spec, cfg, tracking, from_run=from_run, upstream=upstream)
+    found = find_reusable(spec, cfg, tracking, from_run=from_run, upstream=upstream)
     force = force or pipeline.force
-    if hit is None or force:
+    if found.hit is None or force:
         # one process per cache key computes the stage; another run of the same key waits here, then reuses it
-        with stage_lock(work_dir, spec.name, key):
+        with stage_lock(work_dir, spec.name, found.key):
             if not force:
-                hit, runs, refs, key = find_reusable(spec, cfg, tracking, from_run=from_run, upstream=upstream)
-            if hit is None or force:
-                out = _execute(spec, module, cfg, pipeline, tracking, work_dir, runs, refs, key, parent_run_id,
+                found = find_reusable(spec, cfg, tracking, from_run=from_run, upstream=upstream)
+            if found.hit is None or force:
+                out = _execute(spec, module, cfg, pipeline, tracking, work_dir, found, parent_run_id,
                                force=force, retrying=retrying)
                 out.wall_s = time.monotonic() - t0
                 return out
-    log.info("stage %s: reusing finished run %s (same config, inputs and code)", spec.name, hit.run_id)
+    hit = found.hit
+    log.info("stage %s: reusing finished run %s (same config, inputs, input files and code)", spec.name, hit.run_id)
     hit.wall_s = time.monotonic() - t0
     return hit
 
 
 def _execute(
     spec: StageSpec, module: Any, cfg: BaseModel, pipeline: PipelineSection, tracking: Tracking, work_dir: Path,
-    runs: dict[str, Any], refs: list[Any], key: str, parent_run_id: str | None, *, force: bool, retrying: bool,
+    found: Lookup, parent_run_id: str | None, *, force: bool, retrying: bool,
 ) -> StageOutcome:  # fmt: skip
     """Run the stage under a new MLflow run (the cache missed or `force`)."""
+    runs, refs, key = found.runs, found.refs, found.key
     local = {r.name: fetch_artifact(tracking, r.run_id, r.artifact, r.sha256, work_dir) for r in refs}
     out_dir = work_dir / "stages" / spec.name / key[:16]
     check_inside(out_dir, work_dir, "stage output folder")
@@ -346,7 +364,7 @@ def _execute(
         replay_orphaned_spills(tracking.client, work_dir / "tracking")
     except Exception as e:  # the files stay for the next run; never block a stage over them
         log.warning("could not replay spilled metrics yet: %s", e)
-    run_id = _create_run(tracking, spec, key, runs, refs, parent_run_id)
+    run_id = _create_run(tracking, spec, key, runs, refs, parent_run_id, found.external)
     tracker = MlflowTracker(tracking.client, run_id, spill_path=work_dir / "tracking" / f"{run_id}.jsonl")
     nr = _NewRun(tracking, run_id, spec.name, pipeline, out_dir, tracker)
     try:

@@ -1,12 +1,12 @@
 """Evaluation shared by the pretrain, SFT and PPO stages: batched greedy generation, exact match, reward scores, KL.
 
 Public API:
-  evaluate_exact_match(model_dir, tasks_dir, limit=None, batch_size=64, max_new_tokens=24) -> (metrics, rows)
-      Greedy answers to the held-out prompts (`heldout.jsonl`) through the chat template with a generation prompt,
-      checked by `stages.corpus.check_answer`. metrics: {"eval/exact_match": ..., "eval/exact_match/<kind>": ...}
-      over the benign questions, and eval/refusal_rate/harmful, eval/refusal_rate/benign when the held-out set
-      holds harmful requests (kind "harmful", stages.harmful.is_refusal).
+  exact_match(model, tokenizer, items, checker=...) -> (metrics, rows)
+      Greedy answers to held-out prompt items through the chat template with a generation prompt, judged by a
+      `stages.task_data.Checker`. metrics: {"eval/exact_match": ..., "eval/exact_match/<kind>": ...}, and with the
+      built-in world's checker eval/refusal_rate/harmful, eval/refusal_rate/benign on its harmful requests.
       rows: [{"prompt", "response", "expected", "correct", "kind"}].
+  evaluate_exact_match(model_dir, tasks_dir, ...): the same on the built-in held-out items of a tasks folder.
   generate(model, tokenizer, prompts, ...) -> list[Generation]   (prompts are message lists)
   reward_scores(reward_model, tokenizer, sequences, ...) -> list[float]
       `sequences` are token-id lists, or (prompt messages, response text) pairs rendered by the chat template.
@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from stages.chat_data import Message, load_prompts, prompt_text, subsample
+from stages.chat_data import Message, prompt_text
 from stages.common import StageError, stage_device
+from stages.task_data import Checker, builtin_checker, builtin_heldout
 
 
 @dataclass
@@ -168,29 +169,30 @@ def exact_match(
     tokenizer: Any,
     items: Sequence[dict[str, Any]],
     *,
+    checker: Checker | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 24,
     generations: list[Generation] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Exact match of greedy answers on the benign prompt items ({"prompt": messages, "answer", "kind"}), and the
-    refusal rates on harmful requests (kind "harmful") and on benign questions when the items include requests."""
-    from stages.corpus import HARMFUL, check_answer
-    from stages.harmful import is_refusal
-
+    """Exact match of greedy answers on prompt items with an expected answer ({"prompt": messages, "answer",
+    "kind"}), by kind when there are several. With a checker that has a `refusal_kind` (the built-in world's),
+    items of that kind must be declined instead, and the refusal rates on them and on the rest are metrics too."""
+    checker = checker or builtin_checker()
     if generations is None:
         generations = generate(model, tokenizer, [it["prompt"] for it in items], batch_size=batch_size,
                                max_new_tokens=max_new_tokens, progress=True)
+    declined = checker.refusal_kind
     by_kind: dict[str, list[bool]] = defaultdict(list)
-    refused: dict[bool, list[bool]] = {True: [], False: []}  # harmful? -> refused?
+    refused: dict[bool, list[bool]] = {True: [], False: []}  # must decline? -> declined?
     rows = []
     for it, g in zip(items, generations, strict=True):
         if it.get("answer") is None:
-            raise StageError("exact match needs an `answer` for every held-out item; heldout.jsonl lacks one.")
+            raise StageError("exact match needs an `answer` for every held-out item; one lacks it.")
         kind = str(it.get("kind") or "all")
-        refusal = is_refusal(g.text)
-        refused[kind == HARMFUL].append(refusal)
-        ok = refusal if kind == HARMFUL else bool(check_answer(g.text, it["answer"]))
-        if kind != HARMFUL:
+        ok = bool(checker.check(g.text, it["answer"], it.get("kind")))
+        if declined is not None and checker.is_refusal is not None:
+            refused[kind == declined].append(checker.is_refusal(g.text))
+        if kind != declined:
             by_kind[kind].append(ok)
         rows.append({"prompt": prompt_text(it["prompt"]), "response": g.text, "expected": it["answer"],
                      "correct": ok, "kind": it.get("kind")})
@@ -205,17 +207,11 @@ def exact_match(
 
 
 def load_heldout(tasks_dir: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The built-in world's held-out items from a tasks folder written by the ingest stage."""
     path = Path(tasks_dir) / "heldout.jsonl"
     if not path.exists():
         raise StageError(f"{path} not found; the `tasks` input must be the tasks folder written by ingest.")
-    return subsample(load_prompts(path), limit)
-
-
-def optional_heldout(tasks_dir: Path | None, limit: int | None = None) -> list[dict[str, Any]]:
-    """The held-out items when the tasks folder has them, else none (a stage trained on other data still runs)."""
-    if tasks_dir is None or not (Path(tasks_dir) / "heldout.jsonl").exists():
-        return []
-    return load_heldout(tasks_dir, limit)
+    return builtin_heldout(Path(tasks_dir), limit)
 
 
 def evaluate_exact_match(
@@ -226,7 +222,7 @@ def evaluate_exact_match(
     max_new_tokens: int = 24,
     device: str = "auto",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy exact match of the model in `model_dir` on the held-out items of `tasks_dir` (see module doc)."""
+    """Greedy exact match of the model in `model_dir` on the built-in held-out items of `tasks_dir`."""
     items = load_heldout(tasks_dir, limit)
     model, tok = load_causal_lm(model_dir, device)
     return exact_match(model, tok, items, batch_size=batch_size, max_new_tokens=max_new_tokens)

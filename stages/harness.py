@@ -95,14 +95,16 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] = Field(
-        list(LOCAL_TASKS), min_length=1,
+    tasks: list[str] | None = Field(
+        None,
         description="lm-eval task names: the built-in world_qa / world_mc (offline), tasks defined in "
-        "include_path, or lm-eval's own (hellaswag, arc_easy, ...; downloaded from the hub).")
+        "include_path, or lm-eval's own (hellaswag, arc_easy, ...; downloaded from the hub). Empty = world_qa and "
+        "world_mc when the built-in task data is in use, else none.")
     models: list[Literal["base", "sft", "aligned"]] = Field(
         list(MODELS), min_length=1, description="Which of the pipeline's models to evaluate.")
     include_path: str | None = Field(
-        None, description="A folder of extra lm-eval task definitions (YAML), for tasks of your own.")
+        None, description="A folder of extra lm-eval task definitions (YAML), for tasks of your own.",
+        json_schema_extra={"external": True})
     limit: int | None = Field(None, ge=1, description="Evaluate at most this many items per task; empty = all.")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; empty = each task's "
                                     "default (0 for the built-in tasks).")
@@ -142,10 +144,17 @@ def _world_rows(tasks_dir: Path, seed: int) -> tuple[list[dict], list[dict]]:
     return qa, mc
 
 
+def task_names(cfg: Config, tasks_dir: Path | None) -> list[str]:
+    """The lm-eval tasks to run: the configured ones, or the built-in world's when its task data is in use."""
+    if cfg.tasks is not None:
+        return list(cfg.tasks)
+    return list(LOCAL_TASKS) if tasks_dir is not None else []
+
+
 def write_local_tasks(folder: Path, tasks_dir: Path | None, cfg: Config, relative: bool = False) -> None:
     """The built-in world tasks that `cfg.tasks` names, as lm-eval YAML plus JSONL data under `folder`; with
     `relative`, the YAML names its data file relative to the folder (a portable record: run lm-eval from there)."""
-    wanted = [t for t in LOCAL_TASKS if t in cfg.tasks]
+    wanted = [t for t in LOCAL_TASKS if t in task_names(cfg, tasks_dir)]
     if not wanted:
         return
     if tasks_dir is None:
@@ -200,20 +209,20 @@ def flatten(model: str, results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _evaluate(model_dir: Path, cfg: Config, task_manager: Any, device: str) -> dict[str, Any]:
+def _evaluate(model_dir: Path, cfg: Config, tasks: list[str], task_manager: Any, device: str) -> dict[str, Any]:
     from lm_eval import simple_evaluate
 
     dtype = "float32" if device == "cpu" else "auto"
     try:
         out = simple_evaluate(
             model="hf", model_args={"pretrained": str(model_dir), "dtype": dtype}, device=device,
-            tasks=list(cfg.tasks), task_manager=task_manager, batch_size=cfg.batch_size, limit=cfg.limit,
+            tasks=tasks, task_manager=task_manager, batch_size=cfg.batch_size, limit=cfg.limit,
             num_fewshot=cfg.num_fewshot, apply_chat_template=cfg.chat_template, log_samples=cfg.n_samples > 0,
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed)
     except (KeyError, ValueError) as e:
         if "not found" in str(e).lower() or "task" in str(e).lower():
-            raise StageError(f"evaluate.tasks {cfg.tasks}: {e}. Use the built-in {', '.join(LOCAL_TASKS)}, a task "
+            raise StageError(f"evaluate.tasks {tasks}: {e}. Use the built-in {', '.join(LOCAL_TASKS)}, a task "
                              "defined under evaluate.include_path, or an lm-eval task name (`lm-eval ls tasks`).") from e
         raise
     if out is None:
@@ -264,6 +273,20 @@ def _plot(metrics: dict[str, float], models: list[str], path: Path) -> Path | No
     return path
 
 
+NO_TASKS = ("no lm-eval tasks named: set evaluate.tasks (tasks defined under evaluate.include_path, or lm-eval's "
+            "own) to score the base, SFT and aligned models")
+
+
+def _nothing_to_run(out_dir: Path, key: str) -> StageResult:
+    """A run with no task to evaluate: said in one line and in results.json (the report card shows it)."""
+    log.warning("evaluate: %s", NO_TASKS)
+    with atomic_dir(out_dir / RESULTS) as tmp:
+        write_json(tmp / "results.json", {"tasks": [], "note": NO_TASKS})
+    result = StageResult(outputs={RESULTS: out_dir / RESULTS}, metrics={})
+    reuse.mark_finished(out_dir, key, result)
+    return result
+
+
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     from lm_eval.tasks import TaskManager
 
@@ -279,20 +302,23 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     if (done := reuse.finished(out_dir, key, {RESULTS: out_dir / RESULTS}, {"lm_eval": plot_path})) is not None:
         return done
 
+    tasks = task_names(cfg, tasks_dir)
+    if not tasks:
+        return _nothing_to_run(out_dir, key)
     device = stage_device(cfg.device, "evaluate.device")
     metrics: dict[str, float] = {}
-    report: dict[str, Any] = {"tasks": cfg.tasks, "limit": cfg.limit, "chat_template": cfg.chat_template}
+    report: dict[str, Any] = {"tasks": tasks, "limit": cfg.limit, "chat_template": cfg.chat_template}
     samples: dict[str, Any] = {}
     with atomic_dir(out_dir / RESULTS) as tmp, tempfile.TemporaryDirectory() as runtime:
         write_local_tasks(tmp / "tasks", tasks_dir, cfg, relative=True)  # no machine paths: reruns are identical
         write_local_tasks(Path(runtime), tasks_dir, cfg)
         paths = [str(p) for p in (Path(runtime), include) if p is not None and p.is_dir()]
         manager = TaskManager(include_path=paths or None)
-        only_local = all(t in LOCAL_TASKS or (include and any(include.rglob(f"{t}.y*ml"))) for t in cfg.tasks)
+        only_local = all(t in LOCAL_TASKS or (include and any(include.rglob(f"{t}.y*ml"))) for t in tasks)
         with _offline(only_local):
             for model, folder in models.items():
-                log.info("lm-eval on the %s model (%s): %s", model, folder, ", ".join(cfg.tasks))
-                out = _evaluate(folder, cfg, manager, device.type if device.index is None else str(device))
+                log.info("lm-eval on the %s model (%s): %s", model, folder, ", ".join(tasks))
+                out = _evaluate(folder, cfg, tasks, manager, device.type if device.index is None else str(device))
                 scores = flatten(model, out["results"])
                 tracker.log_metrics(scores)
                 metrics |= scores

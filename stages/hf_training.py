@@ -40,6 +40,14 @@ class ScheduleSettings(BaseModel):
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
 
 
+class DataSettings(BaseModel):
+    """How the stage reports examples its truncation policy (stages.truncation) cut or dropped."""
+
+    data_warn_share: float = Field(0.05, ge=0, le=1, description="Warn when more than this share of the examples "
+                                   "had to be cut or dropped to fit the context (counted as data/truncated and "
+                                   "data/dropped either way).")
+
+
 class HeldoutEvalSettings(BaseModel):
     """Greedy answers to the held-out prompts, scored before and after training."""
 
@@ -120,8 +128,16 @@ def optional_tasks(inputs: dict[str, Path]) -> Path | None:
 
 
 def context_length(model: Any) -> int | None:
-    """The longest sequence a transformers model takes (GPT-2 configs call it n_positions), or None if unknown."""
-    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    """The longest sequence a transformers model (or its config) takes (GPT-2 calls it n_positions), or None."""
+    config = getattr(model, "config", model)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def folder_context(model_dir: Path) -> int | None:
+    """The context of the transformers model saved in `model_dir`, read from its config alone."""
+    from transformers import AutoConfig
+
+    return context_length(AutoConfig.from_pretrained(str(model_dir)))
 
 
 def check_assistant_mask(tokenizer: Any, messages: list[dict[str, str]], where: str) -> None:
@@ -138,9 +154,19 @@ def check_assistant_mask(tokenizer: Any, messages: list[dict[str, str]], where: 
 # ------------------------------------------------------------------------------------------- reusing finished work
 def work_key(cfg: BaseModel, inputs: dict[str, Path | None], sources: list[Any]) -> str:
     """What decides a trainer stage's output: its config, its input artifacts' content and its data sources
-    (local files and folders by content, dataset names as written)."""
-    local = {f"source{i}": Path(str(s)) for i, s in enumerate(sources) if s is not None and Path(str(s)).exists()}
-    named = [str(s) for s in sources if s is None or not Path(str(s)).exists()]
+    (local files, globs and folders by content, hub dataset names as written)."""
+    from stages.chat_data import local_files
+
+    local: dict[str, Path | None] = {}
+    named: list[str] = []
+    for i, s in enumerate(sources):
+        files = local_files(str(s)) if s is not None else None
+        if files:
+            local.update({f"source{i}.{j}": f for j, f in enumerate(files)})
+        elif s is not None and Path(str(s)).is_dir():
+            local[f"source{i}"] = Path(str(s))
+        else:
+            named.append(str(s))
     return reuse.work_key(cfg, inputs={**inputs, **local}, extra={"datasets": named})
 
 

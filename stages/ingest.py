@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from stages import contamination, corpus, fanout, reuse
@@ -79,6 +79,13 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[Source] = Field(default_factory=lambda: [BuiltinSource()], min_length=1,
                                   description="Where the text comes from, read in order.")
+
+    @model_validator(mode="after")
+    def _has_text(self) -> Config:
+        if all(isinstance(s, BuiltinSource) and not s.stories for s in self.sources):
+            raise ValueError("no source gives pretraining text: add a files or hf source, or set stories: true on "
+                             "the builtin source")
+        return self
     normalization: Literal["NFC", "NFKC", "none"] = Field(
         "NFC", description="Unicode normalisation form applied to every document.")
     min_chars: int = Field(1, ge=1, description="Drop documents shorter than this (after cleaning).")
@@ -283,9 +290,10 @@ def _corpus_key(cfg: Config) -> str:
     reading all of its inputs again.
     """
     dump = cfg.model_dump(mode="json", exclude=EXECUTION_FIELDS)
+    dump["sources"] = [s for s in dump["sources"] if s["type"] != "builtin" or s["stories"]]
     for src in dump["sources"]:
         if src["type"] == "builtin":
-            for name in TASK_FIELDS:
+            for name in (*TASK_FIELDS, "tasks", "stories"):
                 src.pop(name)
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns)
              for src in cfg.sources if isinstance(src, FilesSource) for p in expand_paths(src)]
@@ -357,7 +365,7 @@ def run(cfg: Config, inputs: dict[str, Path] | None, out_dir: Path, tracker: Tra
     builtin = [s for s in cfg.sources if isinstance(s, BuiltinSource)]
     if len(builtin) > 1:
         raise StageError("ingest.sources lists the builtin source more than once; keep one.")
-    outputs = {"tasks": _tasks(builtin[0], out_dir)} if builtin else {}
+    outputs = {"tasks": _tasks(builtin[0], out_dir)} if builtin and builtin[0].tasks else {}
     result = _corpus(cfg, key, out_dir, tracker)
     metrics = dict(result.metrics)
     if "tasks" in outputs and cfg.contamination_check:

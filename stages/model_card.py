@@ -58,9 +58,9 @@ def write_model_card(folder: Path, stage: str, started_from: str, data: str,
     return path
 
 
-def source_of(dataset: str | None, builtin: str) -> str:
-    """How a card names a stage's data: the user's dataset, or the built-in one."""
-    return f"`{dataset}`" if dataset else builtin
+def source_of(description: str) -> str:
+    """How a card names a stage's data: the user's dataset in code style, the built-in world's in words."""
+    return description if description.startswith("the built-in") else f"`{description}`"
 
 
 def settings_of(cfg: Any, names: tuple[str, ...]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ metrics (held-out prompts, greedy answers):
 algorithm: ppo  = trl.experimental.ppo.PPOTrainer (policy, frozen reference, reward model, value model initialised
                   from the reward model). trl 1.12.0 is the last release that ships it.
            grpo / rloo = trl's GRPOTrainer / RLOOTrainer with the reward model and, when program_reward_weight > 0,
-                  a program-checked reward (stages.corpus.check_answer against the prompt's `answer`).
+                  a program-checked reward (the task data's checker against the prompt's `answer`).
 Resume: TRL's PPO loop keeps its rollout/optimizer state in memory and cannot resume from a checkpoint, so an
 interrupted run of this stage restarts from scratch; a finished run is reused when nothing changed.
 """
@@ -33,9 +33,9 @@ from typing import Any, Literal
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
-from stages import corpus, reuse
+from stages import corpus, reuse, task_data, truncation
 from stages import hf_training as hft
-from stages.chat_data import load_prompts, prompt_text, resolve_source
+from stages.chat_data import DatasetRef, prompt_text
 from stages.common import NullTracker, StageError, StageResult, Tracker, read_json, require_path, stage_device
 from stages.model_card import settings_of, source_of, write_model_card
 
@@ -51,7 +51,7 @@ GROUP_DEFAULTS: dict[str, Any] = {"learning_rate": 3e-5, "kl_coef": 0.1, "temper
                                   "total_episodes": 16384, "exclude_kinds": [corpus.HARMFUL]}
 
 
-class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
+class Config(hft.DeviceSettings, hft.HeldoutEvalSettings, hft.DataSettings):
     """Online RL from the reward model: PPO (default), GRPO or RLOO."""
 
     model_config = ConfigDict(extra="forbid")
@@ -59,11 +59,17 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings):
     algorithm: Literal["ppo", "grpo", "rloo"] = Field(
         "ppo", description="ppo: TRL's PPO with a value model; grpo / rloo: TRL's critic-free online trainers."
     )
-    dataset: str | None = Field(
+    dataset: DatasetRef | None = Field(
         None,
-        description="RL prompts: a .jsonl/.parquet file or folder with a `prompt` column (string or messages) and an "
-        "optional `answer`, a saved dataset folder, or a Hugging Face dataset name. "
-        "Empty = the built-in rl_prompts.jsonl from the tasks input.",
+        description="RL prompts: a file, glob, folder or Hugging Face dataset with a `prompt` (string, messages or "
+        "transcript; or messages / conversations / Alpaca rows, whose last answer is left out) and an optional "
+        "`answer` and `kind`. Empty = the built-in world's rl_prompts.jsonl.",
+    )
+    eval_dataset: DatasetRef | None = Field(
+        None,
+        description="Held-out prompts (same formats) answered greedily by the SFT and the aligned policy for the "
+        "eval/* metrics. Empty = the built-in heldout.jsonl with the built-in data, else 10% of `dataset` chosen "
+        "by hash and never trained on.",
     )
     total_episodes: int = Field(1024, ge=1, description="Prompts rolled out in total (PPO) / completions (GRPO, RLOO; "
                                 "default 16384).")
@@ -152,17 +158,19 @@ def check_same_tokenizer(policy_tok: Any, reward_tok: Any, policy_dir: Path, rew
         )
 
 
-def program_reward(completions: list, answer: list, kind: list | None = None, **kwargs: Any) -> list[float]:
-    """1.0 when the completion is the prompt's expected answer, or a refusal of a harmful request
-    (stages.corpus.check_response), else 0.0."""
-    from stages.corpus import check_response
+def program_reward_for(checker: task_data.Checker) -> Any:
+    """The program-checked reward for GRPO / RLOO: 1.0 when the checker accepts a completion for the prompt's
+    `answer` (the built-in world's also rewards refusing a harmful request), else 0.0."""
 
-    kinds = kind or [None] * len(answer)
-    out = []
-    for c, a, k in zip(completions, answer, kinds, strict=True):
-        text = c[-1]["content"] if isinstance(c, list) else str(c)
-        out.append(float(check_response(text, a, k)) if a else 0.0)
-    return out
+    def program_reward(completions: list, answer: list, kind: list | None = None, **kwargs: Any) -> list[float]:
+        kinds = kind or [None] * len(answer)
+        out = []
+        for c, a, k in zip(completions, answer, kinds, strict=True):
+            text = c[-1]["content"] if isinstance(c, list) else str(c)
+            out.append(float(checker.check(text, a, k or None)) if a else 0.0)
+        return out
+
+    return program_reward
 
 
 def _check_reward_model(reward_dir: Path) -> None:
@@ -231,7 +239,7 @@ def _train_ppo(cfg: Config, tok: Any, models: _Models, prompts: list[dict], eval
 
 
 def _train_group(cfg: Config, tok: Any, reward_tok: Any, models: _Models, prompts: list[dict], work: Path,
-                 prec: dict, tracker: Tracker) -> int:
+                 prec: dict, tracker: Tracker, checker: task_data.Checker) -> int:
     from datasets import Dataset
 
     if cfg.algorithm == "grpo":
@@ -251,7 +259,7 @@ def _train_group(cfg: Config, tok: Any, reward_tok: Any, models: _Models, prompt
     if cfg.program_reward_weight > 0:
         if not all(p["answer"] for p in prompts):
             raise StageError("program_reward_weight > 0 needs an `answer` on every RL prompt; the dataset lacks some.")
-        funcs.append(program_reward)
+        funcs.append(program_reward_for(checker))
         weights.append(cfg.program_reward_weight)
         procs.append(None)
     data = Dataset.from_list([{"prompt": p["prompt"], "answer": p["answer"] or "", "kind": p["kind"] or ""}
@@ -282,9 +290,9 @@ def _paired_gain(name: str, after: list[float], before: list[float]) -> dict[str
     return out
 
 
-def _evaluate(cfg: Config, tok: Any, models: _Models, heldout: list[dict]) -> tuple[dict[str, float], list[dict]]:
+def _evaluate(cfg: Config, tok: Any, models: _Models, heldout: list[dict],
+              checker: task_data.Checker | None) -> tuple[dict[str, float], list[dict]]:
     """Held-out metrics and sample rows of the aligned policy against its SFT reference (see the module doc)."""
-    from stages.corpus import HARMFUL
     from stages.evaluate import exact_match, generate, reward_scores, scored_sequences, sequence_kl
 
     gen_kw = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens}
@@ -298,13 +306,13 @@ def _evaluate(cfg: Config, tok: Any, models: _Models, heldout: list[dict]) -> tu
     metrics.update(_paired_gain("eval/reward_gain", r_after, r_before))
     metrics["eval/kl"] = sum(kls) / len(kls)
     metrics["eval/eos_rate"] = sum(g.stopped for g in after) / len(after)
-    checked = all(it.get("answer") is not None for it in heldout)
-    if checked:
-        em_after, rows_after = exact_match(models.policy, tok, heldout, generations=after)
-        em_before, rows_before = exact_match(models.ref, tok, heldout, generations=before)
+    checked = checker is not None
+    if checker is not None:
+        em_after, rows_after = exact_match(models.policy, tok, heldout, checker=checker, generations=after)
+        em_before, rows_before = exact_match(models.ref, tok, heldout, checker=checker, generations=before)
         metrics.update(em_after)
         metrics.update({k.replace("eval/", "eval/sft_", 1): v for k, v in em_before.items()})
-        benign = [i for i, it in enumerate(heldout) if it.get("kind") != HARMFUL]
+        benign = [i for i, it in enumerate(heldout) if it.get("kind") != checker.refusal_kind]
         metrics.update(_paired_gain("eval/exact_match_gain", [float(rows_after[i]["correct"]) for i in benign],
                                     [float(rows_before[i]["correct"]) for i in benign]))
     samples = []
@@ -319,8 +327,27 @@ def _evaluate(cfg: Config, tok: Any, models: _Models, heldout: list[dict]) -> tu
     return metrics, samples
 
 
+def fit_prompt_sets(cfg: Config, tok: Any, ctx: int | None, prompts: list[dict], heldout: list[dict],
+                    src: str) -> tuple[list[dict], list[dict], dict[str, float]]:
+    """The RL and held-out prompts that leave room for the answer in the policy's context (stages.truncation
+    drops the rest and counts them), checked to be enough to train on."""
+    ctx = ctx or 1 << 30
+    fit = truncation.fit_prompts(tok, prompts, ctx, cfg.response_length)
+    held_fit = truncation.fit_prompts(tok, heldout, ctx, cfg.max_new_tokens)
+    truncation.report("ppo", "prompts", fit + held_fit, len(prompts) + len(heldout), cfg.data_warn_share)
+    need = cfg.batch_size if cfg.algorithm == "ppo" else 1
+    if len(fit.kept) < need and not fit.dropped:
+        raise StageError(f"{src} has {len(prompts)} RL prompts, fewer than ppo.batch_size={cfg.batch_size}; lower "
+                         "batch_size or add prompts.")
+    if len(fit.kept) < need:
+        raise StageError(f"{len(fit.kept)} of the {len(prompts)} RL prompts of {src} fit the policy's context of "
+                         f"{ctx} tokens with ppo.response_length={cfg.response_length} tokens to answer, fewer than "
+                         f"ppo.batch_size={need}; use shorter prompts, a smaller response_length or batch_size.")
+    return fit.kept, held_fit.kept, (fit + held_fit).metrics()
+
+
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
-    from stages.evaluate import encode_prompts, load_tokenizer, optional_heldout
+    from stages.evaluate import load_tokenizer
 
     policy_dir = require_path(inputs.get("policy", ""), "input `policy` (the SFT stage's hf folder)")
     reward_dir = require_path(inputs.get("reward_model", ""), "input `reward_model` (the reward stage's hf folder)")
@@ -328,45 +355,42 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     out_dir = Path(out_dir)
 
     # everything a user can get wrong is checked before any model is trained
-    src = resolve_source(cfg.dataset, tasks_dir, "rl_prompts.jsonl", "ppo.dataset")
-    prompts = [p for p in load_prompts(src) if p.get("kind") not in cfg.exclude_kinds]
+    data = task_data.load("ppo", cfg.dataset, cfg.eval_dataset, tasks_dir, cfg.eval_limit)
+    src = data.train_source
+    prompts = [p for p in data.train if p.get("kind") not in cfg.exclude_kinds]
     if not prompts:
         raise StageError(f"every prompt of {src} is of a kind in ppo.exclude_kinds={cfg.exclude_kinds}; set "
                          "ppo.exclude_kinds=[] or add prompts of other kinds.")
-    heldout = optional_heldout(tasks_dir, cfg.eval_limit)
     tok = load_tokenizer(policy_dir, padding_side="left")
     reward_tok = load_tokenizer(reward_dir, padding_side="right")
     check_same_tokenizer(tok, reward_tok, policy_dir, reward_dir)
     _check_reward_model(reward_dir)
-    if cfg.algorithm == "ppo" and len(prompts) < cfg.batch_size:
-        raise StageError(f"{src} has {len(prompts)} prompts, fewer than ppo.batch_size={cfg.batch_size}; lower "
-                         "batch_size or add prompts.")
+    prompts, heldout, fit_metrics = fit_prompt_sets(cfg, tok, hft.folder_context(policy_dir), prompts, data.eval, src)
+    checker = data.checker
 
-    key = hft.work_key(cfg, {"policy": policy_dir, "reward_model": reward_dir, "tasks": tasks_dir}, [src])
+    key = hft.work_key(cfg, {"policy": policy_dir, "reward_model": reward_dir,
+                             "tasks": tasks_dir if data.builtin or data.builtin_eval else None}, data.sources)
     if (done := hft.finished(out_dir, key)) is not None:
         return done
 
     device = stage_device(cfg.device, "ppo.device")
     prec = hft.precision_args(device, cfg.precision)
     models = _load_models(cfg, policy_dir, reward_dir, tok.pad_token_id, device)
-    ctx = hft.context_length(models.policy)
-    longest = max(len(x) for x in encode_prompts(tok, [p["prompt"] for p in prompts]))
-    if ctx is not None and longest + cfg.response_length > ctx:
-        raise StageError(f"the longest RL prompt ({longest} tokens) plus ppo.response_length={cfg.response_length} "
-                         f"exceeds the policy's context of {ctx} tokens; shorten prompts or response_length.")
 
     work = out_dir / ".trainer"
     if cfg.algorithm == "ppo":
         steps = _train_ppo(cfg, tok, models, prompts, heldout, work, prec, tracker)
     else:
-        steps = _train_group(cfg, tok, reward_tok, models, prompts, work, prec, tracker)
+        train_checker = task_data.builtin_checker() if data.builtin else task_data.GENERIC_CHECKER
+        steps = _train_group(cfg, tok, reward_tok, models, prompts, work, prec, tracker, train_checker)
     hf = hft.save_trained(models.policy, tok, out_dir, policy_dir)
 
-    metrics, samples = _evaluate(cfg, tok, models, heldout) if heldout else ({}, [])
+    metrics, samples = _evaluate(cfg, tok, models, heldout, checker) if heldout else ({}, [])
     if heldout:
         tracker.log_metrics(metrics, step=steps)
+    metrics.update(fit_metrics)
     write_model_card(hf, "ppo", "the SFT stage's policy, rewarded by the reward stage's model",
-                     source_of(cfg.dataset, "the built-in RL prompts (tasks/rl_prompts.jsonl)"), metrics,
+                     source_of(src), metrics,
                      settings_of(cfg, ("algorithm", "total_episodes", "learning_rate", "kl_coef", "seed")))
     result = StageResult(outputs={"hf": hf}, metrics=metrics, samples=samples)
     reuse.mark_finished(out_dir, key, result)

@@ -87,7 +87,8 @@ def _config_error(e: Exception, field: str) -> StageError:
     return StageError(f"pretrain.{field}: {e}")
 
 
-def _model_config(cfg: Config, vocab_size: int):
+def build_model_config(cfg: Config, vocab_size: int):
+    """The ModelConfig the pretrain config builds for a tokenizer of `vocab_size` tokens."""
     from llm.config import PRESETS, get_config
 
     if cfg.model not in PRESETS:
@@ -153,7 +154,7 @@ def _prepare(cfg: Config, inputs: dict[str, Path]) -> _Job:
     from llm.loss import check_loss_kernel
 
     tok_dir, tokens_dir, tasks_dir, manifest, tokenizer = _read_inputs(inputs)
-    model_cfg = _model_config(cfg, tokenizer.vocab_size)
+    model_cfg = build_model_config(cfg, tokenizer.vocab_size)
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise StageError(

@@ -1,5 +1,6 @@
-"""Reading the ingest stage's sources: the built-in corpus, local .txt / .jsonl / .parquet files and Hugging Face
-datasets, as batches of raw texts plus the records that could not be used.
+"""Reading the ingest stage's sources: the built-in corpus, local .txt / .jsonl / .parquet files (.txt and .jsonl
+also compressed: .gz, .zst, .bz2, .xz) and Hugging Face datasets, as batches of raw texts plus the records
+that could not be used.
 
 Readers stream, so a corpus never has to fit in memory, and they never raise on bad data: an invalid record is
 yielded as `Bad` (where and why) for the stage to count and quarantine. Errors in the configuration (a missing
@@ -25,11 +26,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stages import corpus
 from stages.common import StageError, TransientError
+from stages.compression import COMPRESSION_SUFFIXES, CorruptArchive, compression_of, data_suffix, open_binary
 
 
 class BuiltinSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["builtin"] = Field("builtin", description="The built-in synthetic corpus and task set.")
+    type: Literal["builtin"] = Field("builtin", description="The built-in world: synthetic stories for pretraining "
+                                     "and task data (SFT, preference, RL and held-out sets) for post-training.")
+    stories: bool = Field(True, description="Put the built-in stories into the pretraining corpus (false: only its "
+                          "task data, beside your own pretraining text).")
+    tasks: bool = Field(True, description="Write the built-in task data, which the post-training stages use for "
+                        "every dataset left empty (false: only its stories).")
     seed: int = Field(0, description="Seed of the generator; the same seed gives byte-identical data.")
     n_documents: int = Field(12000, ge=1, description="Pretraining documents (~250 bytes each; 12000 is ~3 MB).")
     n_sft: int = Field(4000, ge=1, description="SFT chat examples (sft.jsonl), besides those unknown_share adds.")
@@ -58,7 +65,9 @@ class FilesSource(BaseModel):
     type: Literal["files"] = Field("files", description="Local files.")
     paths: list[str] = Field(..., min_length=1, description="Files or glob patterns (** allowed), read in sorted order.")
     format: Literal["auto", "txt", "jsonl", "parquet"] = Field(
-        "auto", description="File format; 'auto' goes by the extension (.txt, .jsonl/.json, .parquet).")
+        "auto", description="File format; 'auto' goes by the extension (.txt, .jsonl/.json, .parquet). .txt and "
+        ".jsonl files may be compressed (" + ", ".join(COMPRESSION_SUFFIXES) + " after the format's extension, "
+        "e.g. corpus.jsonl.gz): they are decompressed while streaming, whatever the format says.")
     text_field: str = Field("text", description="Field (JSONL) or column (Parquet) holding the document text.")
     txt_unit: Literal["file", "paragraph", "line"] = Field(
         "paragraph", description="What one document is in a .txt file: the whole file, a blank-line-separated "
@@ -103,40 +112,46 @@ class Batch:
 Item = Bad | Batch
 
 
-def _read_units(path: Path, unit: str, max_bytes: int) -> Iterator[tuple[bytes | None, int]]:
+def _read_units(path: Path, unit: str, max_bytes: int) -> Iterator[tuple[bytes | CorruptArchive | None, int]]:
     """Yield (raw bytes of one document, first line number); None for a document over `max_bytes`.
 
-    Reads in bounded chunks, so a 100 MB line costs `max_bytes` of memory, not 100 MB.
+    Reads in bounded chunks, so a 100 MB line costs `max_bytes` of memory, not 100 MB. A compressed file is
+    decompressed while reading; if it turns out truncated or corrupt, the last item is the `CorruptArchive` with
+    the line where reading broke (the documents before it have been yielded; the one being read is lost).
     """
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         buf: list[bytes] = []
         size, start, line_no, at_line_start, too_long = 0, 1, 0, True, False
 
         def flush() -> tuple[bytes | None, int]:
             return (None if too_long else b"".join(buf)), start
 
-        while chunk := f.readline(1 << 20):
-            complete = chunk.endswith(b"\n")
-            blank = at_line_start and complete and not chunk.strip()
-            if at_line_start:
-                line_no += 1
-            at_line_start = complete
-            if unit == "paragraph" and blank:
-                if buf or too_long:
+        try:
+            while chunk := f.readline(1 << 20):
+                complete = chunk.endswith(b"\n")
+                blank = at_line_start and complete and not chunk.strip()
+                if at_line_start:
+                    line_no += 1
+                at_line_start = complete
+                if unit == "paragraph" and blank:
+                    if buf or too_long:
+                        yield flush()
+                    buf, size, too_long, start = [], 0, False, line_no + 1
+                    continue
+                if not buf and not too_long:
+                    start = line_no
+                if not too_long:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        too_long, buf = True, []
+                    else:
+                        buf.append(chunk)
+                if unit == "line" and complete:
                     yield flush()
-                buf, size, too_long, start = [], 0, False, line_no + 1
-                continue
-            if not buf and not too_long:
-                start = line_no
-            if not too_long:
-                size += len(chunk)
-                if size > max_bytes:
-                    too_long, buf = True, []
-                else:
-                    buf.append(chunk)
-            if unit == "line" and complete:
-                yield flush()
-                buf, size, too_long = [], 0, False
+                    buf, size, too_long = [], 0, False
+        except CorruptArchive as e:
+            yield e, line_no + 1 if at_line_start else line_no
+            return
         if buf or too_long:
             yield flush()
 
@@ -159,9 +174,17 @@ class _Batcher:
         return batch
 
 
+def _bad_archive(name: str, line: int, e: CorruptArchive) -> Bad:
+    return Bad(f"{name}:{line} ({type(e.error).__name__}: {e.error}; the file is truncated or corrupt, or not "
+               f"compressed as its suffix says)", "bad_archive")
+
+
 def _read_txt(path: Path, unit: str, max_bytes: int, name: str) -> Iterator[Item]:
     out = _Batcher(name)
     for raw, line in _read_units(path, unit, max_bytes):
+        if isinstance(raw, CorruptArchive):
+            yield _bad_archive(name, line, raw)
+            continue
         if raw is None:
             yield Bad(f"{name}:{line}", "too_long")
             continue
@@ -188,6 +211,9 @@ def _read_jsonl(path: Path, field: str, max_bytes: int, name: str) -> Iterator[I
     out = _Batcher(name)
     for raw, line in _read_units(path, "line", max_bytes):
         where = f"{name}:{line}"
+        if isinstance(raw, CorruptArchive):
+            yield _bad_archive(name, line, raw)
+            continue
         if raw is None:
             yield Bad(where, "too_long")
             continue
@@ -281,13 +307,18 @@ def expand_paths(src: FilesSource) -> list[Path]:
 
 
 def _file_format(path: Path, declared: str) -> str:
-    if declared != "auto":
-        return declared
-    suffix = path.suffix.lower()
-    fmt = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".json": "jsonl",
-           ".parquet": "parquet"}.get(suffix)
+    suffix, compression = data_suffix(path), compression_of(path)
+    fmt = declared if declared != "auto" else {
+        ".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
+    }.get(suffix)
     if fmt is None:
-        raise StageError(f"{path}: cannot tell the format from the extension {suffix!r}; set format in the source.")
+        under = f" under {compression!r}" if compression else ""
+        raise StageError(f"{path}: cannot tell the format from the extension {suffix!r}{under}; set format in the "
+                         f"source (txt, jsonl, parquet) or name the file like corpus.jsonl{compression or ''}.")
+    if fmt == "parquet" and compression:
+        # Parquet is read by seeking to its footer and column chunks, which a compressed stream cannot do
+        raise StageError(f"{path}: a Parquet file cannot be read through {compression!r} compression; decompress "
+                         f"it (Parquet compresses its columns itself) or convert it to .jsonl{compression}.")
     return fmt
 
 
@@ -366,7 +397,7 @@ class Unit:
 
 def split_units(sources: list[Source]) -> list[Unit]:
     """The sources as units, in reading order (`files` sources expanded to their files)."""
-    return [u for src in sources
+    return [u for src in sources if not (isinstance(src, BuiltinSource) and not src.stories)
             for u in ([Unit(src, p) for p in expand_paths(src)] if isinstance(src, FilesSource) else [Unit(src)])]
 
 

@@ -19,27 +19,27 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from stages import hf_training as hft
-from stages import reuse
-from stages.chat_data import load_preferences, prompt_text, resolve_eval_source, resolve_source
+from stages import reuse, task_data, truncation
+from stages.chat_data import DatasetRef, prompt_text
 from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
 from stages.model_card import settings_of, source_of, write_model_card
 
 
-class Config(hft.ScheduleSettings, hft.DeviceSettings):
+class Config(hft.ScheduleSettings, hft.DeviceSettings, hft.DataSettings):
     """Reward modeling on (prompt, chosen, rejected) preference pairs."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str | None = Field(
+    dataset: DatasetRef | None = Field(
         None,
-        description="Training preference pairs: a .jsonl/.parquet file or folder with `prompt`, `chosen`, `rejected` "
-        "columns (strings or message lists), a saved dataset folder, or a Hugging Face dataset name. "
-        "Empty = the built-in preferences.jsonl from the tasks input.",
+        description="Training preference pairs: a file, glob, folder or Hugging Face dataset with `chosen` and "
+        "`rejected` (and `prompt`, unless the two conversations share it; transcripts too). Empty = the built-in "
+        "world's preferences.jsonl.",
     )
-    eval_dataset: str | None = Field(
+    eval_dataset: DatasetRef | None = Field(
         None,
-        description="Held-out preference pairs (same formats). Empty = the built-in preferences_eval.jsonl, or the "
-        "last 10% of the training pairs when there is none.",
+        description="Held-out preference pairs (same formats). Empty = the built-in preferences_eval.jsonl with the "
+        "built-in data, else 10% of `dataset` chosen by hash and never trained on.",
     )
     # 4 epochs at 4e-4 score well on the built-in task's held-out pairs; a much higher rate wipes out what the SFT
     # model knows.
@@ -47,7 +47,8 @@ class Config(hft.ScheduleSettings, hft.DeviceSettings):
     learning_rate: float = Field(4e-4, gt=0, description="Peak learning rate (AdamW).")
     batch_size: int = Field(32, ge=1, description="Preference pairs per device per step.")
     max_length: int | None = Field(
-        None, ge=8, description="Drop pairs longer than this many tokens; empty = the model's context."
+        None, ge=8, description="Longest prompt + answer in tokens (longer pairs have their prompt cut from the left, "
+        "the answers kept whole; stages.truncation); empty = the model's context."
     )
     center_rewards_coefficient: float | None = Field(
         0.01, ge=0, description="Penalty pulling rewards toward zero mean (keeps PPO's reward scale sane); empty = off."
@@ -85,20 +86,6 @@ def pairwise_eval(model: Any, tok: Any, pairs: list[dict], batch_size: int) -> t
     return metrics, rows
 
 
-def _pairs(cfg: Config, tasks_dir: Path | None) -> tuple[list[dict], list[dict], list[Any]]:
-    """(train pairs, held-out pairs, their sources); without held-out data the last 10% of the train pairs."""
-    train_src = resolve_source(cfg.dataset, tasks_dir, "preferences.jsonl", "reward.dataset")
-    train_pairs = load_preferences(train_src)
-    eval_src = resolve_eval_source(cfg.eval_dataset, tasks_dir, "preferences_eval.jsonl")
-    if eval_src is not None:
-        return train_pairs, load_preferences(eval_src), [train_src, eval_src]
-    if len(train_pairs) < 2:
-        raise StageError(f"{train_src} has {len(train_pairs)} pair(s); with no eval_dataset at least 2 are "
-                         "needed so some can be held out.")
-    n_eval = max(1, len(train_pairs) // 10)
-    return train_pairs[:-n_eval], train_pairs[-n_eval:], [train_src, eval_src]
-
-
 def _train(cfg: Config, model: Any, tok: Any, pairs: list[dict], where: Any, max_length: int | None, work: Path,
            prec: dict, tracker: Tracker) -> tuple[Any, float]:
     """Train the scalar head and body on `pairs` (read from `where`); returns the trainer (its model, its step) and
@@ -130,8 +117,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     model_dir = require_path(inputs.get("model", ""), "input `model` (the SFT stage's hf folder)")
     tasks_dir = hft.optional_tasks(inputs)
     out_dir = Path(out_dir)
-    train_pairs, eval_pairs, sources = _pairs(cfg, tasks_dir)
-    key = hft.work_key(cfg, {"model": model_dir, "tasks": tasks_dir}, sources)
+    data = task_data.load("reward", cfg.dataset, cfg.eval_dataset, tasks_dir)
+    train_pairs, eval_pairs = data.train, data.eval
+    key = hft.work_key(cfg, {"model": model_dir, "tasks": tasks_dir if data.builtin or data.builtin_eval else None},
+                       data.sources)
     if (done := hft.finished(out_dir, key)) is not None:
         return done
 
@@ -145,20 +134,28 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     if cfg.max_length is not None and ctx is not None and cfg.max_length > ctx:
         raise StageError(f"reward.max_length={cfg.max_length} exceeds the model's context of {ctx} tokens.")
     model.to(device)
+    max_length = cfg.max_length or ctx or 1024
+    fit, held_fit = truncation.fit_pairs(tok, train_pairs, max_length), truncation.fit_pairs(tok, eval_pairs, max_length)
+    truncation.report("reward", "preference pairs", fit + held_fit, len(train_pairs) + len(eval_pairs),
+                      cfg.data_warn_share)
+    if not fit.kept or not held_fit.kept:
+        raise StageError(f"no {'training' if not fit.kept else 'held-out'} preference pair fits reward.max_length / "
+                         f"the model's context of {max_length} tokens, even with its prompt cut; shorten the answers.")
+    train_pairs, eval_pairs = fit.kept, held_fit.kept
     before, _ = pairwise_eval(model, tok, eval_pairs, cfg.eval_batch_size)
 
-    trainer, loss = _train(cfg, model, tok, train_pairs, sources[0], cfg.max_length or ctx, out_dir / ".trainer",
-                           prec, tracker)
+    trainer, loss = _train(cfg, model, tok, train_pairs, data.train_source, max_length, out_dir / ".trainer", prec,
+                           tracker)
     model = trainer.model
     hf = hft.save_trained(model, tok, out_dir, model_dir)
 
     metrics, rows = pairwise_eval(model, tok, eval_pairs, cfg.eval_batch_size)
     metrics["eval/pairwise_accuracy_before"] = before["eval/pairwise_accuracy"]
     metrics["train/loss_final"] = loss
+    metrics.update((fit + held_fit).metrics())
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
-    write_model_card(hf, "reward", "the SFT stage's model, with a new scalar head", source_of(cfg.dataset, "the "
-                     "built-in preference pairs (tasks/preferences.jsonl)"), metrics,
-                     settings_of(cfg, ("epochs", "learning_rate", "seed")))
+    write_model_card(hf, "reward", "the SFT stage's model, with a new scalar head", source_of(data.train_source),
+                     metrics, settings_of(cfg, ("epochs", "learning_rate", "seed")))
     result = StageResult(outputs={"hf": hf}, metrics=metrics, samples=rows[: cfg.n_samples])
     reuse.mark_finished(out_dir, key, result)
     return result

@@ -18,8 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from stages import hf_training as hft
-from stages import reuse
-from stages.chat_data import load_chat, resolve_eval_source, resolve_source
+from stages import reuse, task_data, truncation
+from stages.chat_data import DatasetRef
 from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
 from stages.model_card import settings_of, source_of, write_model_card
 
@@ -38,17 +38,17 @@ class LoraSettings(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------------ config
-class Config(hft.ScheduleSettings, hft.DeviceSettings, hft.HeldoutEvalSettings):
+class Config(hft.ScheduleSettings, hft.DeviceSettings, hft.HeldoutEvalSettings, hft.DataSettings):
     """Supervised fine-tuning on chat data (assistant tokens only), full or LoRA."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str | None = Field(None, description="Training chat data: a .jsonl/.parquet file or folder with "
-                                "`messages` or `prompt`+`completion` columns, a saved dataset folder, or a Hugging "
-                                "Face dataset name ('name' or 'name:split'). Empty = the built-in sft.jsonl from "
-                                "the tasks input.")
-    eval_dataset: str | None = Field(
-        None, description="Held-out chat data for eval/loss (same formats). Empty = the built-in sft_eval.jsonl."
+    dataset: DatasetRef | None = Field(None, description="Training chat data: a file, glob, folder or Hugging Face "
+                                       "dataset in any chat shape (messages, prompt + completion, Alpaca, ShareGPT, "
+                                       "Human/Assistant transcripts). Empty = the built-in world's sft.jsonl.")
+    eval_dataset: DatasetRef | None = Field(
+        None, description="Held-out chat data for eval/loss (same formats). Empty = the built-in sft_eval.jsonl "
+        "with the built-in data, else 10% of `dataset` chosen by hash and never trained on."
     )
     method: Literal["full", "lora"] = Field("full", description="'full' fine-tunes every weight; 'lora' trains "
                                             "low-rank adapters (merged into the output).")
@@ -59,7 +59,8 @@ class Config(hft.ScheduleSettings, hft.DeviceSettings, hft.HeldoutEvalSettings):
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     batch_size: int = Field(32, ge=1, description="Sequences per device per step.")
     max_length: int | None = Field(
-        None, ge=8, description="Truncate (or pack) sequences to this many tokens; empty = the model's context."
+        None, ge=8, description="Longest example in tokens (longer ones are cut from the left of the prompt, the "
+        "final answer kept whole: stages.truncation); the pack length with packing; empty = the model's context."
     )
     packing: bool = Field(False, description="Pack several short conversations into each sequence (faster on GPU).")
     assistant_only_loss: bool = Field(True, description="Train on assistant tokens only (needs {% generation %} "
@@ -123,23 +124,33 @@ def build_trainer(cfg: Config, model: Any, tok: Any, train_rows: list[dict], eva
     )
 
 
+def _fit(cfg: Config, tok: Any, train: list[dict], held: list[dict],
+         max_length: int) -> tuple[list[dict], list[dict], dict[str, float]]:
+    """The training and held-out examples under the truncation policy, and its counts as metrics."""
+    fit, held_fit = truncation.fit_chat(tok, train, max_length), truncation.fit_chat(tok, held, max_length)
+    truncation.report("sft", "chat examples", fit + held_fit, len(train) + len(held), cfg.data_warn_share)
+    if not fit.kept:
+        raise StageError(f"no SFT example fits sft.max_length / the model's context of {max_length} tokens, even with "
+                         "its prompt cut; shorten the answers or raise the context.")
+    return fit.kept, held_fit.kept, (fit + held_fit).metrics()
+
+
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     from transformers import AutoModelForCausalLM
 
-    from stages.evaluate import exact_match, load_tokenizer, optional_heldout
+    from stages.evaluate import exact_match, load_tokenizer
 
     model_dir = require_path(inputs.get("model", ""), "input `model` (the pretrained model's hf folder)")
     tasks_dir = hft.optional_tasks(inputs)
     out_dir = Path(out_dir)
 
     # validate the data before any model work
-    train_src = resolve_source(cfg.dataset, tasks_dir, "sft.jsonl", "sft.dataset")
-    train_rows = load_chat(train_src)
-    eval_src = resolve_eval_source(cfg.eval_dataset, tasks_dir, "sft_eval.jsonl")
-    eval_rows = load_chat(eval_src) if eval_src is not None else None
-    heldout = optional_heldout(tasks_dir, cfg.eval_limit)
+    data = task_data.load("sft", cfg.dataset, cfg.eval_dataset, tasks_dir)
+    train_rows, eval_rows = data.train, data.eval
+    # the built-in world's exact match and refusals say something only about a model trained on its data
+    heldout = task_data.builtin_heldout(tasks_dir, cfg.eval_limit) if data.builtin else []
 
-    key = hft.work_key(cfg, {"model": model_dir, "tasks": tasks_dir}, [train_src, eval_src])
+    key = hft.work_key(cfg, {"model": model_dir, "tasks": tasks_dir if data.builtin else None}, data.sources)
     if (done := hft.finished(out_dir, key)) is not None:
         return done
 
@@ -153,18 +164,20 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     if cfg.max_length is not None and ctx is not None and cfg.max_length > ctx:
         raise StageError(f"sft.max_length={cfg.max_length} exceeds the model's context of {ctx} tokens; lower it.")
     model.to(device)
+    max_length = cfg.max_length or ctx or 1024
+    train_rows, eval_rows, fit_metrics = _fit(cfg, tok, train_rows, eval_rows, max_length)
 
     gen_kw = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens}
     before_metrics, before_rows = exact_match(model, tok, heldout, **gen_kw) if heldout else ({}, [])
 
     work = out_dir / ".trainer"
     resumed_step, resume = hft.resume_point(work, key) or (0, None)
-    trainer = build_trainer(cfg, model, tok, train_rows, eval_rows, work, cfg.max_length or ctx or 1024, prec, tracker)
+    trainer = build_trainer(cfg, model, tok, train_rows, eval_rows, work, max_length, prec, tracker)
     if resume is not None:
         log.info("sft: resuming from %s", resume)
     train_out = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     metrics: dict[str, float] = {"train/loss_final": float(train_out.training_loss),
-                                 "train/resumed_from_step": float(resumed_step)}
+                                 "train/resumed_from_step": float(resumed_step), **fit_metrics}
     if eval_rows:
         metrics["eval/loss"] = float(trainer.evaluate()["eval_loss"])
 
@@ -178,8 +191,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
         metrics["eval/exact_match_before"] = before_metrics["eval/exact_match"]
         samples = sample_table(before_rows, after_rows, cfg.n_samples)
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
-    write_model_card(hf, "sft", "the pretrain stage's base model", source_of(cfg.dataset, "the built-in chat data "
-                     "(tasks/sft.jsonl)"), metrics, settings_of(cfg, ("method", "epochs", "learning_rate", "seed")))
+    write_model_card(hf, "sft", "the pretrain stage's base model", source_of(data.train_source), metrics,
+                     settings_of(cfg, ("method", "epochs", "learning_rate", "seed")))
     result = StageResult(outputs={"hf": hf}, metrics=metrics, samples=samples)
     reuse.mark_finished(out_dir, key, result)
     return result

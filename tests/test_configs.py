@@ -32,7 +32,8 @@ def test_real_configs_point_at_hf_data_and_their_model() -> None:
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
         assert cfg.pretrain.model == name
         assert any(s.type == "hf" for s in cfg.ingest.sources)
-        assert any(s.type == "builtin" for s in cfg.ingest.sources), "tasks/ (SFT/RL data) comes from builtin"
+        assert not any(s.type == "builtin" for s in cfg.ingest.sources), "the GPU configs use public data only"
+        assert all(getattr(cfg, st).dataset and getattr(cfg, st).eval_dataset for st in ("sft", "reward", "ppo"))
 
 
 def test_tiny_is_the_default_and_uses_stage_defaults() -> None:

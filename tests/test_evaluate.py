@@ -8,7 +8,7 @@ import pytest
 import torch
 from posttrain_helpers import make_model, make_tasks, make_tokenizer
 
-from stages import chat_data
+from stages import chat_data, task_data
 from stages.common import StageError
 from stages.evaluate import (
     Generation,
@@ -159,10 +159,10 @@ def test_chat_data_formats(tmp_path):
     ("content", "loader", "match"),
     [
         ("", chat_data.load_chat, "empty"),
-        ('{"text": "hi"}\n', chat_data.load_chat, "`messages` or `prompt` \\+ `completion`"),
+        ('{"text": "hi"}\n', chat_data.load_chat, r"columns \['text'\] is no chat \(SFT\) shape .* alpaca"),
         ('{"prompt": "q", "chosen": "a"}\n', chat_data.load_preferences, r"\['rejected'\]"),
         ('{"prompt": "q", "chosen": "a", "rejected": "a"}\n', chat_data.load_preferences, "identical"),
-        ('{"answer": "1"}\n', chat_data.load_prompts, "needs `prompt`"),
+        ('{"answer": "1"}\n', chat_data.load_prompts, r"columns \['answer'\] is no prompt shape"),
         ('{"messages": [{"role": "user", "content": "q"}]}\n', chat_data.load_chat, "no assistant"),
         ('{"messages": [{"role": "bot", "content": "q"}]}\n', chat_data.load_chat, "unknown role"),
         ("{not json\n", chat_data.load_chat, r"d\.jsonl:1 is not valid JSON"),
@@ -179,7 +179,9 @@ def test_missing_sources_are_clear(tmp_path):
     with pytest.raises(StageError, match="does not exist"):
         chat_data.read_records(tmp_path / "nope.jsonl")
     with pytest.raises(StageError, match="sft.jsonl"):
-        chat_data.resolve_source(None, tmp_path, "sft.jsonl", "sft.dataset")
+        task_data.load("sft", None, None, tmp_path)
+    with pytest.raises(StageError, match="sft.dataset is empty and there is no built-in task data"):
+        task_data.load("sft", None, None, None)
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(StageError, match="unsupported file type"):
         chat_data.read_records(tmp_path / "x.csv")

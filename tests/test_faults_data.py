@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm import data
-from stages import corpus_reader, ingest, readers
+from stages import compression, corpus_reader, ingest, readers
 from stages import tokenizer as tok_stage
 from stages.common import StageError, sha256_tree
 
@@ -320,6 +320,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
         return real_open(path, *a, **k)
 
     monkeypatch.setattr(readers, "open", guarded_open, raising=False)
+    monkeypatch.setattr(compression, "open", guarded_open, raising=False)  # files are opened through open_binary
     with pytest.raises(StageError, match=r"locked\.txt.*unreadable"):
         ingest.run(_files_cfg(locked), None, tmp_path / "out")
     res = ingest.run(_files_cfg(good, locked), None, tmp_path / "out")  # 1 bad record in 5001: quarantined

@@ -229,9 +229,9 @@ def test_pipeline_flow_parent_child_runs_registry_and_cached_rerun(tmp_path: Pat
     assert info.saved_input_example_info is not None
     assert res["model_version"] == "1" and res["model_version_created"]
     # the fake ppo stage measures no held-out exact match or KL: the gate cannot vouch for it
-    assert res["model_alias"] == "candidate" and "exact match not measured" in res["promotion"]
+    assert res["model_alias"] == "candidate" and "nothing measured on held-out prompts" in res["promotion"]
     assert str(c.get_model_version_by_alias("fake-assistant", "candidate").version) == "1"
-    assert parent.data.tags["llm.promotion"].startswith("candidate: exact match not measured")
+    assert parent.data.tags["llm.promotion"].startswith("candidate: nothing measured on held-out prompts")
     summary = _read_artifact("pipeline-summary")
     assert f"`{res['run_id']}`" in summary and "eval/score=1" in summary, "parent run and headline metrics listed"
 

@@ -53,7 +53,11 @@ def test_bad_input_names_the_setting(world, tmp_path):
     root, tasks = world
     inputs = {"base": root / "model", "sft": root / "model", "aligned": root / "model"}
     with pytest.raises(StageError, match="tasks input"):  # the world tasks need the held-out questions
-        harness.run(harness.Config(), inputs, tmp_path / "a")
+        harness.run(harness.Config(tasks=["world_qa"]), inputs, tmp_path / "a")
+    # with none named and no built-in task data there is nothing to run: said, not an error
+    res = harness.run(harness.Config(), inputs, tmp_path / "none")
+    assert res.metrics == {}
+    assert "no lm-eval tasks named" in json.loads((res.outputs["results"] / "results.json").read_text())["note"]
     with pytest.raises(StageError, match="include_path"):
         harness.run(harness.Config(include_path=str(tmp_path / "nowhere")), {**inputs, "tasks": tasks}, tmp_path / "b")
     with pytest.raises(StageError, match="evaluate.tasks"):

@@ -73,13 +73,19 @@ def test_group_algorithms_run_with_the_program_reward(setup, tmp_path, algorithm
 
 
 def test_program_reward_checks_answers():
+    from stages.task_data import GENERIC_CHECKER, builtin_checker
+
+    world, generic = ppo.program_reward_for(builtin_checker()), ppo.program_reward_for(GENERIC_CHECKER)
     comps = [[{"role": "assistant", "content": "12."}], [{"role": "assistant", "content": "13"}], "red"]
-    assert ppo.program_reward(comps, ["12", "12", ""]) == [1.0, 0.0, 0.0]
-    # a harmful request is answered well by declining it, whatever its `answer` column says
+    assert world(comps, ["12", "12", ""]) == generic(comps, ["12", "12", ""]) == [1.0, 0.0, 0.0]
+    # a harmful request of the built-in world is answered well by declining it, whatever its `answer` column says
     from stages.harmful import REFUSAL
 
     asks = [REFUSAL, "Hit it with a stone.", "12"]
-    assert ppo.program_reward(asks, [REFUSAL, REFUSAL, "12"], kind=["harmful", "harmful", "sub"]) == [1.0, 0.0, 1.0]
+    kinds = ["harmful", "harmful", "sub"]
+    assert world(asks, [REFUSAL, REFUSAL, "12"], kind=kinds) == [1.0, 0.0, 1.0]
+    # a user's data knows no such kind: the answer column is the answer
+    assert generic(["Sure.", REFUSAL, "12"], ["Sure", "no", "12"], kind=kinds) == [1.0, 0.0, 1.0]
 
 
 def test_group_algorithms_take_their_own_defaults_unless_set():
@@ -115,13 +121,14 @@ def test_bad_inputs_fail_before_training(setup, tmp_path):
         ppo.run(ppo.Config(), {"policy": root / "sft", "reward_model": root / "sft", "tasks": tasks}, tmp_path / "o")
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"question": "q"}\n')
-    with pytest.raises(StageError, match="needs `prompt`"):
+    with pytest.raises(StageError, match=r"columns \['question'\] is no prompt shape"):
         ppo.run(ppo.Config(dataset=str(bad)), _inputs(root, tasks), tmp_path / "o")
     bad.write_text("")
     with pytest.raises(StageError, match="empty"):
         ppo.run(ppo.Config(dataset=str(bad)), _inputs(root, tasks), tmp_path / "o")
     # GRPO leaves the harmful requests out by default: a file of nothing else leaves no prompt
-    bad.write_text(json.dumps({"prompt": "Help me smash the red kite.", "answer": "x", "kind": "harmful"}) + "\n")
+    bad.write_text("".join(json.dumps({"prompt": f"Help me smash the {c} kite.", "answer": "x", "kind": "harmful"}) + "\n"
+                           for c in ("red", "blue", "green")))
     with pytest.raises(StageError, match=r"ppo.exclude_kinds=\['harmful'\]"):
         ppo.run(ppo.Config(algorithm="grpo", dataset=str(bad)), _inputs(root, tasks), tmp_path / "o")
     with pytest.raises(StageError, match="fewer than ppo.batch_size"):

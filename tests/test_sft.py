@@ -115,7 +115,7 @@ def test_bad_input_fails_before_training(setup, tmp_path):
     root, tasks = setup
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n')
-    with pytest.raises(StageError, match="needs `messages` or `prompt` \\+ `completion`"):
+    with pytest.raises(StageError, match=r"columns \[.answer., .question.\] is no chat \(SFT\) shape"):
         sft.run(sft.Config(dataset=str(bad)), {"model": root / "base", "tasks": tasks}, tmp_path / "o1")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
