@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint browser-deps
+.PHONY: install demo test test-fast lint browser-deps postgres-deps
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,14 @@ browser-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else echo "browser tests need Debian's chromium: sudo apt-get install chromium"; exit 1; fi; }
 
-test: install browser-deps
+# PostgreSQL server binaries for tests/test_store_postgres.py (which also installs them itself when run alone)
+postgres-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends postgresql >/dev/null; \
+	  else echo "the PostgreSQL test needs Debian's postgresql: sudo apt-get install postgresql"; fi; }
+
+test: install browser-deps postgres-deps
 	$(BIN)/pytest --durations=30
 
 test-fast: install

@@ -63,7 +63,7 @@ def run_seed(config: str, overrides: list[str], seed: int, root: Path, grpo: boo
     if grpo:
         spec = next(s for s in STAGES if s.name == "ppo")
         grpo_cfg = config_for(GRPO_SET)
-        inputs = {name: outputs[(stage, out)] for name, (stage, out) in spec.inputs.items()}
+        inputs = {name: outputs[(stage, out)] for name, (stage, out) in spec.inputs.items() if (stage, out) in outputs}
         t = time.perf_counter()
         metrics["grpo"] = spec.load().run(grpo_cfg.ppo, inputs, root / "grpo", NullTracker()).metrics
         wall["grpo"] = time.perf_counter() - t

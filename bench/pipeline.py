@@ -27,6 +27,7 @@ def run_stages(cfg: Any, root: Path) -> tuple[dict[str, float], dict[str, Any], 
     """Every stage's plain `run` in order, wiring outputs to inputs by the same registry the flows use.
     Returns the wall time and the StageResult of each stage, and every output by (stage, output name)."""
     from flows.config import STAGES
+    from flows.specs import stage_config
     from stages.common import NullTracker
 
     outputs: dict[tuple[str, str], Path] = {}
@@ -39,7 +40,7 @@ def run_stages(cfg: Any, root: Path) -> tuple[dict[str, float], dict[str, Any], 
             if (stage, out) in outputs or name not in spec.optional
         }
         t = time.perf_counter()
-        results[spec.name] = spec.load().run(getattr(cfg, spec.name), inputs, root / spec.name, NullTracker())
+        results[spec.name] = spec.load().run(stage_config(cfg, spec.name), inputs, root / spec.name, NullTracker())
         per_stage[spec.name] = time.perf_counter() - t
         outputs.update({(spec.name, k): Path(v) for k, v in results[spec.name].outputs.items()})
     return per_stage, results, outputs

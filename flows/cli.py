@@ -14,19 +14,18 @@ import logging
 import os
 import re
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from flows.deploy import deploy, deployment_name, serve
-from flows.specs import DEBUG_ENV, DEFAULT_CONFIG, STAGES, default_config
+from flows.errors import LOG_DIR_ENV
+from flows.specs import DEBUG_ENV, DEFAULT_CONFIG, STAGES, default_config, stage_config
 from flows.supervisor import (
     DEFAULT_HOST,
     DEFAULT_MLFLOW_PORT,
     DEFAULT_PREFECT_PORT,
     DEFAULT_WORK_DIR,
-    ServerError,
     down,
     up,
 )
@@ -60,12 +59,29 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rerun stages even when nothing changed")
 
 
+WORK_DIR_HINT = "--set pipeline.work_dir=DIR"
+_LOG_WORK_DIR: list[Path] = []  # the work dir of this command once known: its logs/ keeps error tracebacks
+
+
 def _load(args: argparse.Namespace) -> Any:
     from flows.config import load_config
 
     cfg = load_config(args.config or default_config(), args.overrides)
+    _LOG_WORK_DIR[:] = [Path(cfg.pipeline.work_dir)]
+    # error logs of this process's flow runs go there too (flows.prefect_ui), falling back as flows.errors says
+    os.environ.setdefault(LOG_DIR_ENV, str(Path(cfg.pipeline.work_dir).resolve() / "logs"))
     _prepare_env(cfg.pipeline.work_dir)
     return cfg
+
+
+def _check_environment(cfg: Any) -> None:
+    """Before any pipeline work: a writable work dir with room, and the Prefect server PREFECT_API_URL names."""
+    from flows.environment import check_prefect_api, check_work_dir
+    from flows.temp_prefect import started_server
+
+    check_work_dir(cfg.pipeline.work_dir, WORK_DIR_HINT)
+    if started_server() is None:  # PREFECT_API_URL, when set, is the user's server, not a temporary one of ours
+        check_prefect_api()
 
 
 def _check_tracking(cfg: Any) -> Any:
@@ -90,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.preflight import check_inputs
 
     cfg = _load(args)
+    _check_environment(cfg)
     check_inputs(cfg)  # every source and dataset, before any server, run or folder is made
     starting = prestart_prefect()
     tracking = _check_tracking(cfg)  # a dead tracking server fails here, before any compute
@@ -116,6 +133,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from flows.preflight import check_inputs
 
     cfg = _load(args)
+    _check_environment(cfg)
     check_inputs(cfg, [args.name])
     starting = prestart_prefect()
     tracking = _check_tracking(cfg)
@@ -124,7 +142,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     _join(starting)
     out = STAGE_FLOWS[args.name](
-        config=getattr(cfg, args.name), pipeline=cfg.pipeline, from_run=args.from_run or None, force=args.force
+        config=stage_config(cfg, args.name), pipeline=cfg.pipeline, from_run=args.from_run or None, force=args.force
     )
     state = "reused unchanged run" if out["reused"] else "ran as run"
     print(f"\nstage {args.name}: {state} {out['run_id']} ({out.get('link') or tracking.ui_hint()})")
@@ -134,54 +152,42 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 _MODEL_URI = re.compile(r"^models:/([A-Za-z0-9][A-Za-z0-9_.-]*)(?:/(\d+|latest)|@([A-Za-z0-9_-]+))?$")
+WORK_DIR_ENV = "LLM_PIPELINE_WORK_DIR"
 
 
 def resolve_ref(ref: str) -> Path:
     """A local folder, an MLflow run id, `runs:/ID/path` or `models:/name/version|@alias` -> a local model folder.
 
-    Downloads go under the work dir (LLM_PIPELINE_WORK_DIR, default .llm-pipeline) and are verified by sha256.
+    Only what the user typed may be a local path. Everything fetched from MLflow goes under the work dir
+    (LLM_PIPELINE_WORK_DIR, default .llm-pipeline) and is verified by sha256 before use: a run's outputs against
+    their recorded hash, a registered version's files against its sha256 manifest (flows.registry).
     """
     p = Path(ref)
     if p.exists():
         return p
+    from flows.environment import check_work_dir
     from flows.lineage import fetch_artifact
     from flows.paths import check_run_id, safe_artifact_path
+    from flows.registry import resolve_model
     from flows.specs import PipelineSection
     from flows.tracking import setup_tracking
 
-    section = PipelineSection(work_dir=os.environ.get("LLM_PIPELINE_WORK_DIR", PipelineSection().work_dir))
+    if not (m := _MODEL_URI.match(ref)) and not ref.startswith("runs:/"):
+        try:
+            check_run_id(ref)
+        except StageError:
+            raise StageError(f"{ref!r} names no model: there is no folder {p.resolve()}; it is not a "
+                             "models:/NAME[/VERSION|@ALIAS] or runs:/ID/PATH address; and it is not an MLflow run id "
+                             "(letters, digits, '-', '_')") from None
+    section = PipelineSection(work_dir=os.environ.get(WORK_DIR_ENV, PipelineSection().work_dir))
+    _LOG_WORK_DIR[:] = [Path(section.work_dir)]
     _prepare_env(section.work_dir)
+    work = check_work_dir(section.work_dir, f"{WORK_DIR_ENV}=DIR")
     tracking = setup_tracking(section.experiment, section.work_dir, section.offline_tracking)
     client = tracking.client
-    work = Path(section.work_dir).resolve()
 
-    if m := _MODEL_URI.match(ref):
-        name, version, alias = m.group(1), m.group(2), m.group(3)
-        try:
-            if alias:
-                mv = client.get_model_version_by_alias(name, alias)
-            elif version in (None, "latest"):
-                versions = client.search_model_versions(f"name='{name}'")
-                if not versions:
-                    raise StageError(f"{ref}: registered model '{name}' has no versions at {tracking.uri}")
-                mv = max(versions, key=lambda v: int(v.version))
-            else:
-                mv = client.get_model_version(name, version)
-        except StageError:
-            raise
-        except Exception as e:
-            raise StageError(f"{ref}: no such registered model version at {tracking.uri} ({e})") from e
-        run_id = mv.tags.get("llm.stage_run")
-        if run_id:
-            return resolve_ref(run_id)
-        import mlflow.artifacts
-
-        dst = work / "models" / name / str(mv.version)
-        if not dst.exists():
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst))
-        for cfg_file in sorted(dst.rglob("config.json")):
-            return cfg_file.parent
-        raise StageError(f"{ref}: the registered model holds no config.json (not a transformers model)")
+    if m:
+        return resolve_model(tracking, ref, m.group(1), m.group(2), m.group(3), work)
 
     if ref.startswith("runs:/"):
         run_id, _, art = ref.removeprefix("runs:/").partition("/")
@@ -197,23 +203,18 @@ def resolve_ref(ref: str) -> Path:
                 return fetch_artifact(tracking, run_id, art, sha, work)
         raise StageError(f"{ref}: run {run_id} recorded no output at '{art}' (see its llm.output.* tags)")
 
-    tried = (f"{ref!r} names no model: there is no folder {p.resolve()}; it is not a models:/NAME[/VERSION|@ALIAS] "
-             "or runs:/ID/PATH address")
+    tried = f"{ref!r} names no model: there is no folder {p.resolve()}; it is not a models:/ or runs:/ address"
     try:
-        run_id = check_run_id(ref)
-    except StageError:
-        raise StageError(f"{tried}; and it is not an MLflow run id (letters, digits, '-', '_')") from None
-    try:
-        run = client.get_run(run_id)
+        run = client.get_run(ref)
     except Exception as e:
-        raise StageError(f"{tried}; and there is no MLflow run {run_id} at {tracking.uri}") from e
+        raise StageError(f"{tried}; and there is no MLflow run {ref} at {tracking.uri}") from e
     tags = run.data.tags
     outputs = [o for o in tags.get("llm.outputs", "").split(",") if o]
     for name in ("hf", "checkpoint", *outputs):
         if name in outputs:
-            art, sha = tags[f"llm.output.{name}.artifact"], tags[f"llm.output.{name}.sha256"]
-            return fetch_artifact(tracking, run_id, art, sha, work)
-    raise StageError(f"run {run_id} has no model output (outputs: {outputs or 'none'})")
+            art = safe_artifact_path(tags[f"llm.output.{name}.artifact"], f"output '{name}' of run {ref}")
+            return fetch_artifact(tracking, ref, art, tags[f"llm.output.{name}.sha256"], work)
+    raise StageError(f"run {ref} has no model output (outputs: {outputs or 'none'})")
 
 
 def _port(text: str) -> int:
@@ -235,9 +236,14 @@ def _add_up(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "up",
         help="start a Prefect server and an MLflow server with local storage",
-        description="Start a Prefect server and an MLflow server (SQLite + artifact folder under the work dir) on "
-        "127.0.0.1, wait until both answer, print the UI addresses and the variables to export. Ctrl-C stops both.",
+        description="Start a Prefect server and an MLflow server (SQLite + artifact folder under the work dir, or "
+        "the database --backend-store-uri names) on 127.0.0.1, wait until both answer, print the UI addresses and "
+        "the variables to export. Ctrl-C or SIGTERM stops both.",
     )
+    p.add_argument("--backend-store-uri", default=None, metavar="URI",
+                   help="MLflow's database, e.g. postgresql://USER@HOST:5432/DB (keep the password in ~/.pgpass; "
+                   "one given in the URI is passed to the server through an owner-only file); created and migrated "
+                   "once before the server starts (default: sqlite:///<work dir>/mlflow.db)")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help="interface to bind both servers to; anything but loopback turns on authentication "
                    f"(default {DEFAULT_HOST})")  # fmt: skip
@@ -283,7 +289,7 @@ def _add_up(subparsers: Any) -> None:
         func=(lambda a: up(
                 a.work_dir, a.host, a.prefect_port, a.mlflow_port, detach=a.detach,
                 auth=True if a.auth else False if a.no_auth else None, advertise=a.advertise, mlflow_workers=a.mlflow_workers,
-                timeout_s=a.timeout,
+                timeout_s=a.timeout, backend_store_uri=a.backend_store_uri,
             )
         )
     )  # fmt: skip
@@ -387,29 +393,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_work_dir(args: argparse.Namespace | None) -> Path:
+    """Where this command's error log goes first (flows.errors falls back elsewhere when it cannot be written)."""
+    if _LOG_WORK_DIR:
+        return _LOG_WORK_DIR[0]
+    if args is not None and getattr(args, "work_dir", None) is not None:
+        return Path(args.work_dir)
+    return Path(os.environ.get(WORK_DIR_ENV) or DEFAULT_WORK_DIR)
+
+
+def _work_dir_hint(args: argparse.Namespace | None) -> str:
+    command = getattr(args, "command", None)
+    if command in ("run", "stage"):
+        return WORK_DIR_HINT
+    if command in ("generate", "export"):
+        return f"{WORK_DIR_ENV}=DIR"
+    if command == "serve":
+        return f"--work-dir DIR, and {WORK_DIR_HINT} for the runs"
+    return "--work-dir DIR"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `llm-pipeline` command: whatever escapes a command is one line naming the fix (exit 2), or an internal
+    error (exit 1), plus the path of a log file with the traceback (flows.errors); `--debug` prints it too."""
+    from flows import errors
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3", "alembic", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _prepare_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if debug:
         os.environ[DEBUG_ENV] = "1"  # read by the Prefect log filter (flows.prefect_ui), here and in flow runs
-    if argv[:1] in (["run"], ["stage"]) and not {"-h", "--help"} & set(argv) and _prefect_home_ready():
-        prestart_prefect()  # before the parser imports torch (llm.cli): the server boots meanwhile
-    args = build_parser().parse_args(argv)
+    args: argparse.Namespace | None = None
     try:
+        _prepare_env()
+        if argv[:1] in (["run"], ["stage"]) and not {"-h", "--help"} & set(argv) and _prefect_home_ready():
+            prestart_prefect()  # before the parser imports torch (llm.cli): the server boots meanwhile
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except (StageError, ServerError) as e:
-        if debug:
-            traceback.print_exc()
-        print(f"llm-pipeline: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("llm-pipeline: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        return errors.report(e, _log_work_dir(args), debug=debug, work_dir_hint=_work_dir_hint(args))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,17 @@ servers `llm-pipeline up` recorded."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from flows.specs import default_config
+from flows.specs import DEBUG_ENV, default_config
 from flows.supervisor import DEFAULT_WORK_DIR, ServerError, http_ok, read_state
 
 CLIENT_VARS = (
@@ -167,12 +172,13 @@ def serve(
     """Register the deployments against the Prefect server and run their flow runs here until Ctrl-C."""
     out = out or sys.stdout
     api, updates = _connect(work_dir, out)
-    from prefect import serve as prefect_serve
     from prefect.settings import temporary_settings
 
     flows = flows if flows is not None else pipeline_flows()
     if parameters is None:
-        parameters = config_parameters(_load(config, overrides), flows)
+        cfg = _load(config, overrides)
+        _check_runs_can_start(cfg)
+        parameters = config_parameters(cfg, flows)
     deployments = build_deployments(flows, name, parameters, tags=["llm-pipeline"])
     ui = api[: -len("/api")] if api.endswith("/api") else api
     print(
@@ -183,7 +189,7 @@ def serve(
     )
     try:
         with temporary_settings(updates=updates):
-            prefect_serve(*deployments, limit=limit, print_starting_message=False)
+            _run_until_stopped(deployments, limit, Path(work_dir), out)
     except Exception as e:
         cause = _lost_server(e)
         if cause is None:
@@ -196,6 +202,159 @@ def serve(
             "serve` again and rerun them: stages that finished are reused."
         ) from None
     return 0
+
+
+def _check_runs_can_start(cfg: Any) -> None:
+    """What the served runs need, checked before serving: a writable work dir with room, and their MLflow store
+    (a server that answers, or a database created once under its lock)."""
+    from flows.environment import check_tracking_store, check_work_dir
+    from flows.errors import LOG_DIR_ENV
+
+    os.environ.setdefault(LOG_DIR_ENV, str(Path(cfg.pipeline.work_dir).resolve() / "logs"))  # flow runs' errors
+    try:
+        check_work_dir(cfg.pipeline.work_dir, "--set pipeline.work_dir=DIR")
+        check_tracking_store(cfg.pipeline.work_dir, cfg.pipeline.offline_tracking)
+    except Exception as e:  # a StageError (one line naming the fix): serve reports it like its own problems
+        from stages.common import StageError
+
+        if isinstance(e, StageError):
+            raise ServerError(str(e)) from None
+        raise
+
+
+# `serve` stops within this on the first Ctrl-C or SIGTERM, whatever the Prefect server is doing: Prefect's own
+# shutdown calls the server (cancelling runs, pausing deployments) and retries for minutes when it is gone too.
+STOP_GRACE_S = 6.0
+
+
+def _run_until_stopped(deployments: list[Any], limit: int, work_dir: Path, out: Any) -> None:
+    """Prefect's runner for `deployments` in this process, stopped by the first Ctrl-C or SIGTERM (see
+    `_GracefulStop`); connection errors while the Prefect server restarts are logged in one line each."""
+    import asyncio
+
+    from prefect.runner import Runner
+
+    stopper = _GracefulStop(work_dir, out)
+
+    class _Runner(Runner):
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:  # Prefect installs this for SIGTERM
+            stopper(signal.SIGTERM, self)
+
+    runner = _Runner(pause_on_shutdown=False, limit=limit)
+    for d in deployments:
+        runner.add_deployment(d)
+    quiet_connection_tracebacks()
+    old = signal.signal(signal.SIGINT, lambda signum, frame: stopper(signum, runner))
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if not stopper.started:
+            raise
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if stopper.started:
+        stopper.finish()
+
+
+class _GracefulStop:
+    """The first Ctrl-C or SIGTERM: one line, the runner asked to stop, and whatever Prefect prints while it tears
+    down (connection errors of a server that stops at the same moment) goes to a log file instead of the terminal;
+    after STOP_GRACE_S the flow runs still going are killed and the process exits. Later signals are ignored."""
+
+    def __init__(self, work_dir: Path, out: Any) -> None:
+        self.work_dir, self.out = work_dir, out
+        self.started = False
+
+    def __call__(self, signum: int, runner: Any) -> None:
+        if self.started:
+            return
+        self.started = True
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping serve (flow runs still going are stopped with it) ...", file=self.out, flush=True)
+        self._divert_output()
+        threading.Thread(target=self._deadline, name="serve-stop-deadline", daemon=True).start()
+        runner.stopping = True
+        if getattr(runner, "_loop", None) is not None and getattr(runner, "started", False):
+            runner.execute_in_background(runner.astop)
+        else:
+            self.finish()
+
+    def _divert_output(self) -> None:
+        from flows.errors import log_dirs
+
+        for d in log_dirs(self.work_dir):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                fd = os.open(d / f"serve-stop-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except OSError:
+                continue
+            break
+        else:
+            fd = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def _deadline(self) -> None:
+        time.sleep(STOP_GRACE_S)
+        self.finish()
+
+    def finish(self) -> None:
+        """Stop the flow runs this process started (SIGTERM, then SIGKILL) and leave at once."""
+        with contextlib.suppress(Exception):
+            import psutil
+
+            children = psutil.Process().children(recursive=True)
+            for c in children:
+                with contextlib.suppress(psutil.Error):
+                    c.terminate()
+            _, alive = psutil.wait_procs(children, timeout=1.5)
+            for c in alive:
+                with contextlib.suppress(psutil.Error):
+                    c.kill()
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+        os._exit(0)
+
+
+class _ConnectionTracebackFilter(logging.Filter):
+    """A lost connection to the Prefect server (it restarts, or stops) is one line, not a traceback: the message
+    plus the error's own line. Other records pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _is_connection_error(exc) and not os.environ.get(DEBUG_ENV):
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            record.args = None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import httpx
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, httpx.TransportError | ConnectionError | TimeoutError) or type(e).__module__.startswith(
+                "websockets"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def quiet_connection_tracebacks() -> None:
+    """Put `_ConnectionTracebackFilter` on every log handler configured so far (Prefect's and the CLI's)."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if not any(isinstance(f, _ConnectionTracebackFilter) for f in h.filters):
+                h.addFilter(_ConnectionTracebackFilter())
 
 
 def _lost_server(e: BaseException) -> BaseException | None:

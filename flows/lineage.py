@@ -217,15 +217,25 @@ def input_refs(spec: StageSpec, runs: Mapping[str, Any]) -> list[InputRef]:
     return refs
 
 
-def fetch_artifact(tracking: Tracking, run_id: str, artifact: str, sha256: str, work_dir: Path) -> Path:
-    """Local copy of a run's artifact under work_dir/inputs, downloaded once and checked against its sha256."""
+def fetch_artifact(tracking: Tracking, run_id: str, artifact: str, sha256: str, work_dir: Path,
+                   manifest: Mapping[str, str] | None = None, what: str | None = None) -> Path:
+    """Local copy of a run's artifact under work_dir/inputs, downloaded once and checked against its sha256.
+
+    A local copy that no longer matches is fetched again. With `manifest` (relative path -> sha256 of each file, as
+    a registered model version records it), a download that does not match names the files that differ; `what`
+    names the artifact in messages (default: the artifact and its run)."""
     check_run_id(run_id)
     artifact = safe_artifact_path(artifact)
+    what = what or f"artifact {artifact} of run {run_id}"
     root = work_dir / "inputs" / run_id
     local = root / artifact
     check_inside(local, work_dir, "artifact destination")
-    if local.exists() and sha256_tree(local) == sha256:
-        return local
+    if local.exists():
+        if sha256_tree(local) == sha256:
+            return local
+        changed = _manifest_problems(local, manifest)
+        log.warning("the local copy %s of %s does not match its recorded sha256%s; fetching it again", local, what,
+                    f" ({', '.join(changed[:3])})" if changed else "")
     import mlflow.artifacts
 
     top, _, rest = artifact.partition("/")
@@ -247,14 +257,29 @@ def fetch_artifact(tracking: Tracking, run_id: str, artifact: str, sha256: str, 
             inner.rmdir()
         staged = tmp / rest if rest else tmp
         if not staged.exists():
-            raise StageError(f"artifact {artifact} of run {run_id} is missing in the artifact store")
+            raise StageError(f"{what} is missing in the artifact store")
         got = sha256_tree(staged)
         if got != sha256:  # checked before the copy takes the final name, so a corrupt copy is never reused
+            changed = _manifest_problems(staged, manifest)
+            if changed:
+                raise StageError(
+                    f"{what}: {'; '.join(changed)} in the artifact store does not match the sha256 manifest recorded "
+                    "with it; the stored files were altered, so they are not used. Restore them, or register the "
+                    "model again (llm-pipeline run --force)"
+                )
             raise StageError(
-                f"artifact {artifact} of run {run_id} does not match its recorded sha256 ({got[:12]} != "
-                f"{sha256[:12]}); the artifact store is corrupt: rerun that stage with --force"
+                f"{what} does not match its recorded sha256 ({got[:12]} != {sha256[:12]}); the artifact store is "
+                "corrupt: rerun that stage with --force"
             )
     return local
+
+
+def _manifest_problems(folder: Path, manifest: Mapping[str, str] | None) -> list[str]:
+    if not manifest:
+        return []
+    from flows.registry import manifest_problems  # flows.registry imports this module
+
+    return manifest_problems(folder, manifest)
 
 
 def _input_profile(local: Path) -> dict[str, Any]:

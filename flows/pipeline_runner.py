@@ -21,8 +21,9 @@ from flows.pools import run_via_deployment
 from flows.prefect_ui import pipeline_summary_markdown, publish_pipeline_summary, record_cached_stage
 from flows.preflight import check_after_tokenizer, check_inputs
 from flows.promotion import TAG_PROMOTION, Verdict, judge, promote
+from flows.registry import TAG_MODEL_FILES, manifest_json
 from flows.report import publish_report
-from flows.specs import STAGES, PipelineSection, StageSpec
+from flows.specs import STAGES, PipelineSection, StageSpec, stage_config
 from flows.stage_runner import StageOutcome, find_reusable, flatten
 from flows.tracking import Tracking, call_with_retry, experiment_link, run_link, setup_tracking
 
@@ -106,7 +107,8 @@ def register_final_model(
         lambda: mlflow.register_model(
             info.model_uri,
             name,
-            tags={TAG_MODEL_FROM: final.run_id, TAG_MODEL_SHA: sha, "llm.pipeline_run": parent_run_id},
+            tags={TAG_MODEL_FROM: final.run_id, TAG_MODEL_SHA: sha, "llm.pipeline_run": parent_run_id,
+                  TAG_MODEL_FILES: manifest_json(local)},  # what `generate`/`export` verify (flows.registry)
         ),
         "register model",
         300,
@@ -141,22 +143,22 @@ def _run_stages(
             # An unchanged stage is looked up here rather than in a subflow: a cached rerun then costs a few
             # MLflow queries per stage instead of a Prefect flow run each.
             t = time.monotonic()
-            hit = find_reusable(spec, getattr(cfg, spec.name), tracking, upstream=upstream).hit
+            hit = find_reusable(spec, stage_config(cfg, spec.name), tracking, upstream=upstream).hit
             if hit is not None:
                 hit.wall_s = time.monotonic() - t
                 log.info("stage %s: unchanged (config, inputs, code); reusing MLflow run %s", spec.name, hit.run_id)
-        if hit is None and not fit_checked and spec.name not in ("ingest", "tokenizer") and "tokenizer" in runs:
+        if hit is None and not fit_checked and spec.name not in ("ingest", "contamination", "tokenizer") and "tokenizer" in runs:
             # before the first stage after the tokenizer computes (pretraining, hours on a GPU): the post-training
             # data against the tokenizer and the model's context
             _check_fit(cfg, outcomes, tracking)
             fit_checked = True
-        params = dict(config=getattr(cfg, spec.name), pipeline=cfg.pipeline, force=force, upstream=upstream,
+        params = dict(config=stage_config(cfg, spec.name), pipeline=cfg.pipeline, force=force, upstream=upstream,
                       parent_run_id=pid)  # fmt: skip
         if hit is not None:
             o = hit
             record_cached_stage(stage_flows[spec.name], o, params)
         elif cfg.pipeline.dispatch == "deployments":  # on the stage's work pool (flows.pools)
-            o = run_via_deployment(spec, getattr(cfg, spec.name), params, tracking, upstream, cfg.pipeline.deployment)
+            o = run_via_deployment(spec, params["config"], params, tracking, upstream, cfg.pipeline.deployment)
         else:
             o = StageOutcome(**stage_flows[spec.name](**params))
         outcomes.append(o)
@@ -205,11 +207,12 @@ def _run_under(
         if final is not None:
             work_dir = Path(section.work_dir).resolve()
             # two pipelines ending at once would each find no version holding this model and both register one
-            with file_lock(work_dir / "locks" / f"register-{section.registered_model}.lock"):
+            with file_lock(work_dir / "locks" / f"register-{section.registered_model}.lock",
+                           f"model {section.registered_model} to be registered"):
                 version, created = register_final_model(tracking, section.registered_model, pid, final, work_dir)
-                ingest = next((o.metrics for o in outcomes if o.stage == "ingest"), {})
+                ingest = next((o.metrics for o in outcomes if o.stage == "contamination"), {})
                 verdict = judge(final.metrics, section.promotion_max_exact_match_drop, section.promotion_max_kl,
-                                ingest, section.promotion_max_contamination)
+                                ingest, section.promotion_max_contamination, section.promotion_min_win_rate)
                 call_with_retry(lambda: promote(client, section.registered_model, version, verdict), "set alias", 60)
             client.set_tag(pid, "llm.registered_model", f"models:/{section.registered_model}/{version}")
             client.set_tag(pid, TAG_PROMOTION, verdict.describe()[:5000])

@@ -24,7 +24,7 @@ from stages.common import StageError
 
 log = logging.getLogger(__name__)
 
-CPU_STAGES = frozenset({"ingest", "tokenizer"})  # and the pipeline flow; every other stage goes to the GPU pool
+CPU_STAGES = frozenset({"ingest", "contamination", "tokenizer"})  # and the pipeline flow; the rest: the GPU pool
 
 
 def pool_of(flow_key: str, cpu_pool: str, gpu_pool: str) -> str:

@@ -19,7 +19,8 @@ OWN_LOGGERS = ("flows", "stages", "llm")
 
 # The metrics that say whether a stage did its job, shown first in the summary (each stage logs many more).
 HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
-    "ingest": ("rows", "contamination/heldout/items"),
+    "ingest": ("rows",),
+    "contamination": ("contamination/heldout/items",),
     "tokenizer": ("vocab_size", "val/bytes_per_token"),
     "pretrain": ("val/loss", "val/bpb", "eval/exact_match"),
     "sft": ("eval/exact_match",),
@@ -173,14 +174,24 @@ def is_user_error(exc: BaseException | None) -> bool:
 
 class _UserErrorsWithoutTraceback(logging.Filter):
     """Prefect logs a failed task or flow run with its traceback; for a user error that is forty lines of engine
-    frames around a one-line message that already names the file or field and the fix. The traceback stays with
-    `--debug` (LLM_PIPELINE_DEBUG) or when Prefect's run loggers are at DEBUG level."""
+    frames around a one-line message that already names the file or field and the fix. Any other error's traceback
+    goes to a log file (flows.errors) whose path replaces it in the record, so the terminal and the run's log in
+    the UI show one line either way. The traceback stays with `--debug` (LLM_PIPELINE_DEBUG) or when Prefect's run
+    loggers are at DEBUG level."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         keep = os.environ.get(DEBUG_ENV) or logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        if is_user_error(exc) and not keep:
-            record.exc_info, record.exc_text = None, None
+        if exc is None or keep:
+            return True
+        if not is_user_error(exc):
+            from flows.errors import save_traceback
+
+            path, _ = save_traceback(exc)
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {str(exc).strip()[:300]}" + (
+                f"; traceback in {path})" if path else ")")
+            record.args = None
+        record.exc_info, record.exc_text = None, None
         return True
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,10 @@ from flows.config import ConfigError
 log = logging.getLogger(__name__)
 
 POST_TRAINING = ("sft", "reward", "ppo")
-_checked: set[str] = set()  # configs already checked in this process (`run` checks, then its pipeline flow)
+# configs checked in this process in the last minute: `run` checks, then its pipeline flow would again (a long-lived
+# `serve` process checks every run it starts, since the files may have changed since)
+_checked: dict[str, float] = {}
+MEMO_S = 60.0
 
 
 def builtin_tasks(cfg: Any) -> bool:
@@ -41,7 +45,7 @@ def check_inputs(cfg: Any, stages: Iterable[str] | None = None) -> None:
 
     wanted = set(stages) if stages is not None else None
     memo = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), sorted(wanted or [])]).encode()).hexdigest()
-    if memo in _checked:
+    if time.monotonic() - _checked.get(memo, -MEMO_S) < MEMO_S:
         return
     builtin = builtin_tasks(cfg)
     problems: list[str] = []
@@ -53,7 +57,7 @@ def check_inputs(cfg: Any, stages: Iterable[str] | None = None) -> None:
     if wanted is None or "evaluate" in wanted:
         problems += check_evaluate(cfg.evaluate, builtin)
     _raise(problems, "before any stage ran")
-    _checked.add(memo)
+    _checked[memo] = time.monotonic()
 
 
 def context_of(pretrain_cfg: Any, vocab_size: int) -> int:

@@ -14,27 +14,41 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.stage_runner import StageOutcome
+from flows.report_render import render_markdown
+from flows.stage_runner import TAG_DEVICE, TAG_DEVICES, StageOutcome
 from flows.tracking import Tracking, call_with_retry
+
+__all__ = ["build_report", "contamination_table", "publish_report", "render_markdown"]
 
 log = logging.getLogger(__name__)
 
 # (metric that counts the work, unit) and (throughput metric, unit) per stage, where the stage logs them.
 WORK = {"ingest": ("rows", "documents"), "tokenizer": ("tokens/train", "tokens"), "pretrain": ("train/tokens", "tokens"),
         "sft": ("train/num_tokens", "tokens"), "reward": ("train/num_tokens", "tokens"), "ppo": ("train/episode", "episodes")}
-RATE = {"tokenizer": "encode/tokens_per_s", "pretrain": "train/tokens_per_s", "sft": "train/train_samples_per_second",
-        "reward": "train/train_samples_per_second"}
+RATE = {"tokenizer": ("encode/tokens_per_s", "tokens/s"), "pretrain": ("train/tokens_per_s", "tokens/s"),
+        "sft": ("train/train_samples_per_second", "samples/s"), "reward": ("train/train_samples_per_second", "samples/s")}
 QUALITY = {
-    "ingest": ("rows", "contamination/heldout/items"),
+    "ingest": ("rows",),
+    "contamination": ("contamination/heldout/items", "contamination/mb_per_s"),
     "tokenizer": ("vocab_size", "val/bytes_per_token"),
     "pretrain": ("val/loss", "val/bpb"),
     "sft": ("eval/loss",),
     "reward": ("eval/pairwise_accuracy", "eval/pairwise_accuracy/harmful", "eval/reward_margin"),
     "ppo": ("eval/reward_gain", "eval/reward_gain_se", "eval/kl"),
 }
-# Metrics the base, SFT and aligned models share (held-out, greedy): the card shows what each step changed.
+# The built-in world's metrics the base, SFT and aligned models share (held-out, greedy): what each step changed.
 SHARED = ("eval/exact_match", "eval/refusal_rate/harmful", "eval/refusal_rate/benign")
 MODELS = (("base", "pretrain"), ("SFT", "sft"), ("aligned", "ppo"))
+# Generic metrics of the three models, from the evaluate stage: `<metric>/<model>` and `<metric>_se/<model>`.
+HELDOUT = ("heldout/text_bpb", "heldout/response_bpb")
+EVAL_MODELS = (("base", "base"), ("SFT", "sft"), ("aligned", "aligned"))
+REWARD_MODEL = ("eval/pairwise_accuracy", "eval/pairwise_accuracy_se", "eval/reward_margin", "eval/reward_margin_se",
+                *(f"eval/pairwise_accuracy/margin_q{q}" for q in (1, 2, 3, 4)), "eval/judge/pairwise_accuracy",
+                "eval/judge/pairwise_accuracy_se")
+ALIGNMENT = ("eval/win_rate/reward_model", "eval/win_rate/reward_model_se", "eval/win_rate/judge",
+             "eval/win_rate/judge_se", "eval/reward_gain", "eval/reward_gain_se", "eval/kl", "eval/kl_se",
+             "eval/sft_response_tokens", "eval/response_tokens", "eval/sft_cut_off_rate", "eval/cut_off_rate",
+             "eval/sft_distinct_2", "eval/distinct_2", "eval/sft_exact_match", "eval/exact_match")
 CURVES = {"pretrain": ("train/loss", "val/loss"), "sft": ("train/loss",), "reward": ("train/loss",),
           "ppo": ("train/objective/rlhf_reward", "train/objective/kl")}
 
@@ -43,21 +57,47 @@ def _stage_entry(o: StageOutcome, run: Any, price: float) -> dict[str, Any]:
     m = run.data.metrics
     wall = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
     work_key, unit = WORK.get(o.stage, ("", ""))
+    rate_key, rate_unit = RATE.get(o.stage, ("", ""))
+    devices = int(float(run.data.tags.get(TAG_DEVICES, "1")))
     entry: dict[str, Any] = {
         "stage": o.stage, "run_id": o.run_id, "reused": o.reused, "link": o.link,
-        "device": run.data.params.get("device", "cpu"), "wall_s": wall,
+        # the device the stage ran on (the flow layer resolves `auto` where the stage runs), else its setting
+        "device": run.data.tags.get(TAG_DEVICE) or run.data.params.get("device", "cpu"), "devices": devices,
+        "wall_s": wall,
         "work": {work_key: m[work_key], "unit": unit} if work_key in m else None,
-        "throughput": {RATE[o.stage]: m[RATE[o.stage]]} if o.stage in RATE and RATE[o.stage] in m else None,
-        "mfu": m.get("train/mfu"),
-        "cost": wall / 3600 * price if wall is not None and price > 0 else None,
+        "throughput": {rate_key: m[rate_key]} if rate_key in m else None, "throughput_unit": rate_unit,
+        "mfu": m.get("train/mfu"), "peak_flops": m.get("train/peak_flops"),
+        "cost": wall / 3600 * price * devices if wall is not None and price > 0 else None,
         "metrics": {k: m[k] for k in QUALITY.get(o.stage, ()) if k in m},
     }
     return entry
 
 
+def _not_computed(by: Mapping[str, Mapping[str, float]], stages: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per metric a run of this kind could have had and did not, with the reason."""
+    lines = []
+    pretrain = next((s for s in stages if s["stage"] == "pretrain"), None)
+    if pretrain is not None and pretrain["mfu"] is None:
+        lines.append("MFU: no peak FLOP/s known for the pretraining device; set pretrain.peak_flops.")
+    reward, ppo, evaluate = by.get("reward"), by.get("ppo"), by.get("evaluate")
+    if reward is not None and "eval/judge/pairwise_accuracy" not in reward:
+        lines.append("A held-out judge: not trained, too few held-out preference pairs (reward.judge_min_pairs); the "
+                     "win rate is judged by the reward model PPO trained against.")
+    if ppo is not None and "eval/exact_match" not in ppo and "eval/kl" in ppo:
+        lines.append("Exact match: the held-out prompts have no expected answers (an `answer` column).")
+    if ppo is not None and "eval/kl" not in ppo:
+        lines.append("Alignment metrics: no held-out prompts.")
+    if evaluate is not None:
+        for metric, why in (("heldout/text_bpb", "no corpus input"), ("heldout/response_bpb", "no held-out chat set")):
+            if not any(k.startswith(metric + "/") for k in evaluate):
+                lines.append(f"{metric}: not computed ({why}).")
+    return lines
+
+
 def build_report(tracking: Tracking, outcomes: Sequence[StageOutcome], pipeline_run_id: str,
                  model: str | None, promotion: str | None, price_per_device_hour: float = 0.0) -> dict[str, Any]:
-    """The card as data: one entry per stage, the base -> SFT -> aligned table, the registered model."""
+    """The card as data: one entry per stage, what each step bought (base -> SFT -> aligned), the reward model and
+    the alignment on held-out data, the truncation counts, the registered model, and what could not be computed."""
     runs = {o.stage: call_with_retry(lambda o=o: tracking.client.get_run(o.run_id), f"read run {o.run_id}", 60)
             for o in outcomes}
     stages = [_stage_entry(o, runs[o.stage], price_per_device_hour) for o in outcomes]
@@ -67,13 +107,25 @@ def build_report(tracking: Tracking, outcomes: Sequence[StageOutcome], pipeline_
         values = {label: by[st][metric] for label, st in MODELS if st in by and metric in by[st]}
         if len(values) >= 2:
             deltas[metric] = values
+    evaluate = by.get("evaluate", {})
+    heldout = {}
+    for metric in HELDOUT:
+        values = {label: evaluate[f"{metric}/{m}"] for label, m in EVAL_MODELS if f"{metric}/{m}" in evaluate}
+        errors = {label: evaluate[f"{metric}_se/{m}"] for label, m in EVAL_MODELS if f"{metric}_se/{m}" in evaluate}
+        if values:
+            heldout[metric] = {"values": values, "se": errors}
+    data = {st: {k: by[st][f"data/{k}"] for k in ("truncated", "dropped") if f"data/{k}" in by[st]}
+            for st in ("sft", "reward", "ppo") if st in by and "data/truncated" in by[st]}
     return {"pipeline_run_id": pipeline_run_id, "registered_model": model, "promotion": promotion,
-            "price_per_device_hour": price_per_device_hour, "stages": stages, "models": deltas,
-            "lm_eval": _lm_eval_table(by.get("evaluate", {})), "contamination": contamination_table(by.get("ingest", {}))}
+            "price_per_device_hour": price_per_device_hour, "stages": stages, "models": deltas, "heldout": heldout,
+            "reward_model": {k: by["reward"][k] for k in REWARD_MODEL if k in by.get("reward", {})},
+            "alignment": {k: by["ppo"][k] for k in ALIGNMENT if k in by.get("ppo", {})}, "data": data,
+            "lm_eval": _lm_eval_table(evaluate), "contamination": contamination_table(by.get("contamination", {})),
+            "not_computed": _not_computed(by, stages)}
 
 
 def contamination_table(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
-    """The ingest stage's `contamination/<set>/items|rate` as {set: {"items": n, "rate": r}}."""
+    """The contamination stage's `contamination/<set>/items|rate` as {set: {"items": n, "rate": r}}."""
     table: dict[str, dict[str, float]] = {}
     for key, v in metrics.items():
         parts = key.split("/")
@@ -91,53 +143,6 @@ def _lm_eval_table(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
         if len(parts) == 3 and parts[0] == "lm_eval" and parts[1] in labels and not key.endswith("_stderr"):
             table.setdefault(parts[2], {})[labels[parts[1]]] = v
     return table
-
-
-def _num(v: float | None, fmt: str = ".4g") -> str:
-    return "—" if v is None else format(v, fmt)
-
-
-def _change(values: Mapping[str, float], a: str, b: str) -> str:
-    return f"{values[b] - values[a]:+.3f}" if a in values and b in values else "—"
-
-
-def render_markdown(card: Mapping[str, Any], curves: Sequence[str] = ()) -> str:
-    lines = [f"## Report card: pipeline run `{card['pipeline_run_id']}`", ""]
-    if card.get("registered_model"):
-        lines += [f"Registered model `{card['registered_model']}`: {card.get('promotion') or 'no promotion gate'}.", ""]
-    lines += ["| stage | run | wall s | work | throughput | MFU | device setting | est. cost | key metrics |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for s in card["stages"]:
-        run = f"[{s['run_id'][:8]}]({s['link']})" if s.get("link") else f"`{s['run_id'][:8]}`"
-        run += " (reused)" if s["reused"] else ""
-        work = f"{s['work'][next(iter(s['work']))]:.4g} {s['work']['unit']}" if s["work"] else "—"
-        rate = ", ".join(f"{v:.4g} {k.rsplit('/', 1)[-1]}" for k, v in (s["throughput"] or {}).items()) or "—"
-        cost = _num(s["cost"], ".4f") if s["cost"] is not None else "—"
-        key = ", ".join(f"{k}={v:.4g}" for k, v in s["metrics"].items()) or "—"
-        lines.append(f"| {s['stage']} | {run} | {_num(s['wall_s'], '.1f')} | {work} | {rate} | {_num(s['mfu'], '.1%')} "
-                     f"| {s['device']} | {cost} | {key} |")
-    if card.get("contamination"):
-        sets = ", ".join(f"{name} {v.get('items', 0):.0f} items ({v.get('rate', 0):.1%})"
-                         for name, v in card["contamination"].items())
-        lines += ["", f"Contamination (evaluation items sharing a word sequence with training text): {sets}."]
-    if card["models"]:
-        lines += ["", "What each stage bought (held-out, greedy):", "",
-                  "| metric | base | SFT | aligned | SFT - base | aligned - SFT |", "|---|---|---|---|---|---|"]
-        for metric, v in card["models"].items():
-            lines.append(f"| {metric} | {_num(v.get('base'))} | {_num(v.get('SFT'))} | {_num(v.get('aligned'))} | "
-                         f"{_change(v, 'base', 'SFT')} | {_change(v, 'SFT', 'aligned')} |")
-    if card.get("lm_eval"):
-        lines += ["", "Standard evaluation (lm-evaluation-harness, the evaluate stage):", "",
-                  "| task / metric | base | SFT | aligned | SFT - base | aligned - SFT |", "|---|---|---|---|---|---|"]
-        for metric, v in card["lm_eval"].items():
-            lines.append(f"| {metric} | {_num(v.get('base'))} | {_num(v.get('SFT'))} | {_num(v.get('aligned'))} | "
-                         f"{_change(v, 'base', 'SFT')} | {_change(v, 'SFT', 'aligned')} |")
-    elif any(s["stage"] == "evaluate" for s in card["stages"]):
-        lines += ["", "Standard evaluation: none, no lm-eval tasks named (set evaluate.tasks: lm-eval's own tasks, or "
-                  "yours defined under evaluate.include_path)."]
-    if curves:
-        lines += ["", *[f"![{Path(c).stem}]({c})" for c in curves]]
-    return "\n".join(lines) + "\n"
 
 
 def _plot_curves(tracking: Tracking, card: Mapping[str, Any], folder: Path) -> list[str]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -40,6 +40,8 @@ class StageSpec:
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("ingest", "stages.ingest"),
+    StageSpec("contamination", "stages.contamination", {"corpus": ("ingest", "corpus"), "tasks": ("ingest", "tasks")},
+              optional=frozenset({"tasks"})),
     StageSpec("tokenizer", "stages.tokenizer", {"corpus": ("ingest", "corpus")}),
     StageSpec(
         "pretrain",
@@ -56,16 +58,28 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec(
         "ppo",
         "stages.ppo",
-        {"policy": ("sft", "hf"), "reward_model": ("reward", "hf"), "tasks": ("ingest", "tasks")},
-        optional=frozenset({"tasks"}),
+        {"policy": ("sft", "hf"), "reward_model": ("reward", "hf"), "judge": ("reward", "judge"),
+         "tasks": ("ingest", "tasks")},
+        optional=frozenset({"tasks", "judge"}),
     ),
     StageSpec(
         "evaluate",
         "stages.harness",
-        {"base": ("pretrain", "hf"), "sft": ("sft", "hf"), "aligned": ("ppo", "hf"), "tasks": ("ingest", "tasks")},
-        optional=frozenset({"tasks"}),
+        {"base": ("pretrain", "hf"), "sft": ("sft", "hf"), "aligned": ("ppo", "hf"), "tasks": ("ingest", "tasks"),
+         "corpus": ("ingest", "corpus"), "chat_heldout": ("sft", "heldout")},
+        optional=frozenset({"tasks", "corpus", "chat_heldout"}),
     ),
 )
+
+def stage_config(cfg: Any, name: str) -> Any:
+    """The config a stage runs with: its own section, except that the contamination check reads the datasets the
+    post-training sections and the evaluate stage's task folder name (so the two can never disagree)."""
+    section = getattr(cfg, name)
+    if name != "contamination" or not all(hasattr(cfg, s) for s in ("sft", "reward", "ppo", "evaluate")):
+        return section
+    mirrored = {s: {f: getattr(getattr(cfg, s), f) for f in ("dataset", "eval_dataset")} for s in ("sft", "reward", "ppo")}
+    return type(section).model_validate({**section.model_dump(), **mirrored, "include_path": cfg.evaluate.include_path})
+
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -107,11 +121,14 @@ class PipelineSection(BaseModel):
         "if its held-out exact match is at most this much below the SFT policy's (else `candidate`).")
     promotion_max_kl: float = Field(0.5, ge=0, description="Promotion gate: largest KL to the SFT policy on "
                                     "held-out prompts for the alias `champion`.")
+    promotion_min_win_rate: float = Field(
+        0.5, ge=0, le=1, description="Promotion gate: the held-out judge's win rate of the aligned over the SFT answers "
+        "(when the reward stage trained a judge), plus two standard errors, must reach this for `champion`.")
     price_per_device_hour: float = Field(0.0, ge=0, description="Price of one device (GPU or CPU machine) per "
                                          "hour, for the report card's estimated cost per stage (0: not shown).")
     promotion_max_contamination: float = Field(
         0.01, ge=0, le=1, description="Promotion gate: largest share of an evaluation set's items that may share a "
-        "word sequence with training text (the ingest stage's contamination check) for the alias `champion`.")
+        "word sequence with training text (the contamination stage's check) for the alias `champion`.")
 
     dispatch: Literal["inline", "deployments"] = Field(
         "inline", description="How the pipeline runs its stages: 'inline' in its own process, or 'deployments': "

@@ -150,6 +150,7 @@ def make_stage_flow(spec: StageSpec) -> Any:
 # are plain module attributes; code that only runs a stage imports flows.stage_runner and stays light.
 STAGE_FLOWS: dict[str, Any] = {spec.name: make_stage_flow(spec) for spec in STAGES}
 ingest_flow = STAGE_FLOWS["ingest"]
+contamination_flow = STAGE_FLOWS["contamination"]
 tokenizer_flow = STAGE_FLOWS["tokenizer"]
 pretrain_flow = STAGE_FLOWS["pretrain"]
 sft_flow = STAGE_FLOWS["sft"]

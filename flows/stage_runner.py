@@ -59,6 +59,26 @@ from stages.common import StageError, StageResult
 
 log = logging.getLogger(__name__)
 
+TAG_DEVICE = "llm.device"  # the device a stage ran on: cpu, cuda:0, 8 x cuda (its setting may say `auto`)
+TAG_DEVICES = "llm.devices"  # how many devices (worker processes x machines) the report card costs it at
+
+
+def device_used(cfg: BaseModel) -> tuple[str, int]:
+    """What a stage config's `device` setting resolves to on this machine, and how many of them it uses (the
+    pretrain stage's workers x machines); stages without a device setting run on one CPU machine."""
+    from stages.common import stage_device
+
+    devices = int(getattr(cfg, "world_size", 1) or 1)
+    setting = getattr(cfg, "device", None)
+    if setting is None:
+        return "cpu", 1
+    try:
+        dev = stage_device(str(setting), "device")
+    except StageError:  # the stage reports a bad setting itself
+        return str(setting), devices
+    label = str(dev) if dev.type == "cuda" else dev.type
+    return (f"{devices} x {dev.type}" if devices > 1 else label), devices
+
 
 @dataclass
 class StageOutcome:
@@ -216,12 +236,14 @@ class _NewRun:
 
 
 def _create_run(
-    tracking: Tracking, spec: StageSpec, key: str, runs: Mapping[str, Any], refs: Sequence[InputRef],
+    tracking: Tracking, spec: StageSpec, cfg: BaseModel, key: str, runs: Mapping[str, Any], refs: Sequence[InputRef],
     parent_run_id: str | None, external: Mapping[str, str],
 ) -> str:  # fmt: skip
     """A new MLflow run for the stage, tagged with its cache key, code version, lineage, inputs and the fingerprints
     of the files and datasets its config points at (`llm.external.<field>`)."""
+    device, devices = device_used(cfg)
     tags = {
+        TAG_DEVICE: device, TAG_DEVICES: str(devices),
         **{f"llm.external.{field}": fp for field, fp in external.items()},
         TAG_STAGE: spec.name,
         TAG_CACHE_KEY: key,
@@ -364,7 +386,7 @@ def _execute(
         replay_orphaned_spills(tracking.client, work_dir / "tracking")
     except Exception as e:  # the files stay for the next run; never block a stage over them
         log.warning("could not replay spilled metrics yet: %s", e)
-    run_id = _create_run(tracking, spec, key, runs, refs, parent_run_id, found.external)
+    run_id = _create_run(tracking, spec, cfg, key, runs, refs, parent_run_id, found.external)
     tracker = MlflowTracker(tracking.client, run_id, spill_path=work_dir / "tracking" / f"{run_id}.jsonl")
     nr = _NewRun(tracking, run_id, spec.name, pipeline, out_dir, tracker)
     try:

@@ -16,15 +16,32 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flows.credentials import client_credentials, ensure_credentials, mlflow_auth_env, write_private
+from flows.credentials import (
+    client_credentials,
+    ensure_credentials,
+    mlflow_auth_env,
+    prefect_auth_env,
+    server_store_uri,
+    write_private,
+)
+from flows.processes import (  # noqa: F401 - re-exported: `up`'s callers and tests use them from here
+    STOP_GRACE_S,
+    Server,
+    ServerError,
+    http_ok,
+    pid_alive,
+    port_free,
+    stop_group,
+    stop_groups,
+    wait_healthy,
+)
 from flows.tracking import ml_view
 
 DEFAULT_HOST = "127.0.0.1"
@@ -39,10 +56,9 @@ STATE_FILE = "servers.json"
 # A server that dies this often within the window is crash-looping (bad config, full disk): `up` stops instead.
 RESTART_LIMIT = 3
 RESTART_WINDOW_S = 600.0
-
-
-class ServerError(Exception):
-    """A problem starting or finding the servers that the user can fix; the message says how."""
+# Held while a Prefect server starts on a PREFECT_HOME (its first start migrates the database); the temporary
+# servers of flows.temp_prefect take the same lock, so `up` and a run started together do not migrate it twice.
+PREFECT_START_LOCK = "llm-pipeline-server-start.lock"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,104 +135,6 @@ class Endpoints:
 # Processes.
 
 
-def port_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        # As the servers bind: connections of a stopped server lingering in TIME_WAIT do not block a restart.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def http_ok(url: str, timeout: float = 2.0) -> bool:
-    """True when something answers `url` with a 2xx, or with 401 (up, but behind auth)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return 200 <= r.status < 300
-    except urllib.error.HTTPError as e:
-        return e.code == 401
-    except (OSError, ValueError):
-        return False
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stop_group(pid: int, grace_s: float = 20.0) -> None:
-    """SIGTERM the process group led by `pid` (servers spawn workers), then SIGKILL what is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-@dataclass
-class Server:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    health_url: str
-    log: Path
-    proc: subprocess.Popen | None = None
-
-    def start(self, cwd: Path) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            # A session of its own: Ctrl-C in the terminal reaches only `up`, which then stops each server's
-            # whole process group in order, instead of the servers' workers dying in random order.
-            self.proc = subprocess.Popen(
-                self.argv, cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-
-    def log_tail(self, n: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-
-def wait_healthy(servers: list[Server], timeout_s: float) -> None:
-    pending = list(servers)
-    deadline = time.monotonic() + timeout_s
-    while pending:
-        for s in list(pending):
-            assert s.proc is not None
-            if s.proc.poll() is not None:
-                raise ServerError(
-                    f"the {s.name} server exited with code {s.proc.returncode} while starting; "
-                    f"its log {s.log} ends with:\n{s.log_tail()}"
-                )
-            if http_ok(s.health_url):
-                pending.remove(s)
-        if pending and time.monotonic() > deadline:
-            names = ", ".join(s.name for s in pending)
-            raise ServerError(
-                f"{names} did not answer its health check within {timeout_s:.0f} s; see {pending[0].log} "
-                f"(raise --timeout on a slow machine)."
-            )
-        if pending:
-            time.sleep(0.5)
-
-
 def _state_path(work_dir: Path) -> Path:
     return work_dir / "servers" / STATE_FILE
 
@@ -233,16 +151,35 @@ def read_state(work_dir: Path) -> dict[str, Any] | None:
     return state
 
 
+class Stop(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: stop the servers."""
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise Stop(signal.Signals(signum).name)
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """While the servers stop: a second Ctrl-C or SIGTERM must not interrupt that (and print a traceback)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _check_can_start(work_dir: Path, host: str, prefect_port: int, mlflow_port: int) -> None:
@@ -275,6 +212,10 @@ def _server_envs(
     # Client settings in the caller's shell must not leak into the servers themselves.
     for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI"):
         base.pop(k, None)
+    # Secrets reach the servers through owner-only files (flows.credentials), never their environment.
+    for k in ("PREFECT_SERVER_API_AUTH_STRING", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+              "PGPASSWORD"):
+        base.pop(k, None)
     prefect_env = dict(base)
     prefect_env["PREFECT_HOME"] = str(work_dir / "prefect")
     # The UI is a static app that calls the API at this address; without it a server on a port other than 4200
@@ -284,7 +225,7 @@ def _server_envs(
     client_env = {"PREFECT_API_URL": ep.prefect_api_url, "MLFLOW_TRACKING_URI": ep.mlflow_url}
     if auth:
         creds = ensure_credentials(state_dir)
-        prefect_env["PREFECT_SERVER_API_AUTH_STRING"] = creds["PREFECT_SERVER_API_AUTH_STRING"]
+        prefect_env.update(prefect_auth_env(creds, state_dir))
         mlflow_env.update(mlflow_auth_env(creds, state_dir, work_dir))
         client_env.update(client_credentials(creds))
     return prefect_env, mlflow_env, client_env
@@ -308,9 +249,13 @@ def _start_and_record(
 ) -> Path:
     """Start the servers, wait until they answer, record them for `down`/`serve`; returns the env.sh written."""
     print(f"Starting Prefect and MLflow servers (storage and logs under {work_dir}) ...", file=out, flush=True)
-    for s in servers:
-        s.start(cwd=work_dir)
-    wait_healthy(servers, timeout_s)
+    from flows.locks import file_lock
+
+    prefect_home = Path(servers[0].env.get("PREFECT_HOME", work_dir / "prefect"))
+    with file_lock(prefect_home / PREFECT_START_LOCK, f"the Prefect server on {prefect_home} to start"):
+        for s in servers:
+            s.start(cwd=work_dir)
+        wait_healthy(servers, timeout_s)
     env_sh = work_dir / "servers" / "env.sh"
     write_private(env_sh, "".join(f"export {k}={v}\n" for k, v in client_env.items()))
     _record(servers, work_dir, ep, client_env)
@@ -363,15 +308,19 @@ def _watch(
         time.sleep(1.0)
 
 
-def _stop_all(servers: list[Server], work_dir: Path, out: Any) -> None:
-    for s in servers:
-        if s.proc is not None:
-            stop_group(s.proc.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                s.proc.wait(timeout=5)
-    with contextlib.suppress(FileNotFoundError):
-        _state_path(work_dir).unlink()
-    print("Servers stopped.", file=out, flush=True)
+def _stop_all(servers: list[Server], work_dir: Path, out: Any, why: str = "") -> None:
+    """Stop both servers at once within STOP_GRACE_S (then SIGKILL) and say so in one line."""
+    with _signals_ignored():
+        if why:
+            print(f"\n{why}: stopping the servers ... ", end="", file=out, flush=True)
+        stop_groups([s.proc.pid for s in servers if s.proc is not None and s.proc.poll() is None])
+        for s in servers:
+            if s.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    s.proc.wait(timeout=1)
+        with contextlib.suppress(OSError):
+            _state_path(work_dir).unlink()
+        print("Servers stopped.", file=out, flush=True)
 
 
 def up(
@@ -385,11 +334,19 @@ def up(
     advertise: str | None = None,
     mlflow_workers: int = 1,
     timeout_s: float = 180.0,
+    backend_store_uri: str | None = None,
     out: Any = None,
 ) -> int:
-    """Start both servers, wait until they answer, print where they are; block until Ctrl-C unless `detach`."""
+    """Start both servers, wait until they answer, print where they are; block until Ctrl-C unless `detach`.
+
+    `backend_store_uri`: MLflow's database (default: SQLite in the work dir, where the embedded store writes); a
+    PostgreSQL URI works through the pinned psycopg2 driver. It is created and migrated before the server starts,
+    under the store's lock (flows.store), so a run opening the same store at the same moment waits for it."""
+    from flows.environment import check_work_dir
+    from flows.store import prepare_store, redact
+
     out = out or sys.stdout
-    work_dir = Path(work_dir).resolve()
+    work_dir = check_work_dir(work_dir, "--work-dir DIR")
     state_dir = work_dir / "servers"
     _check_can_start(work_dir, host, prefect_port, mlflow_port)
     exposed = not is_loopback(host)
@@ -398,41 +355,51 @@ def up(
     ep = Endpoints.make(names[0], prefect_port, mlflow_port)
     (work_dir / MLFLOW_ARTIFACTS).mkdir(parents=True, exist_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)
+    store = backend_store_uri or f"sqlite:///{work_dir / MLFLOW_DB}"
+    prepare_store(store, "mlflow-artifacts:/")  # what `mlflow server --serve-artifacts` would do, once, locked
     prefect_env, mlflow_env, client_env = _server_envs(work_dir, state_dir, ep, auth)
+    # a password in the URI goes to an owner-only file libpq reads, not onto the server's command line
+    server_store, store_env = server_store_uri(store, state_dir)
+    mlflow_env.update(store_env)
     loop = _url_host(host if not exposed else "127.0.0.1")
     servers = [
         Server("Prefect", prefect_command(host, prefect_port), prefect_env,
                f"http://{loop}:{prefect_port}/api/health", state_dir / "prefect.log"),
         Server("MLflow",
-               mlflow_command(host, mlflow_port, f"sqlite:///{work_dir / MLFLOW_DB}", str(work_dir / MLFLOW_ARTIFACTS),
+               mlflow_command(host, mlflow_port, server_store, str(work_dir / MLFLOW_ARTIFACTS),
                               workers=mlflow_workers, auth=auth, allowed_hosts=allowed_hosts(names) if exposed else None),
                mlflow_env, f"http://{loop}:{mlflow_port}/health", state_dir / "mlflow.log"),
     ]  # fmt: skip
     leave_running = False
+    why = ""
     with _sigterm_as_interrupt():
         try:
             env_sh = _start_and_record(servers, work_dir, ep, client_env, timeout_s, out)
-            _print_banner(out, ep, client_env, env_sh, servers, exposed, auth, detach, state_dir)
+            _print_banner(out, ep, client_env, env_sh, servers, exposed, auth, detach, state_dir, redact(store))
             if detach:
                 leave_running = True
                 return 0
             _watch(servers, work_dir, ep, client_env, timeout_s, out)
+        except Stop as e:
+            why = str(e) or "SIGINT"
+            return 0
         except KeyboardInterrupt:
-            print("\nStopping the servers ...", file=out, flush=True)
+            why = "SIGINT"
             return 0
         finally:
             if not leave_running:
-                _stop_all(servers, work_dir, out)
+                _stop_all(servers, work_dir, out, why)
 
 
 def _print_banner(
     out: Any, ep: Endpoints, client_env: dict[str, str], env_sh: Path, servers: list[Server],
-    exposed: bool, auth: bool, detach: bool, state_dir: Path,
+    exposed: bool, auth: bool, detach: bool, state_dir: Path, store: str = "",
 ) -> None:  # fmt: skip
     lines = [
         "",
         f"  Prefect UI:  {ep.prefect_url}",
         f"  MLflow UI:   {ml_view(ep.mlflow_url + '/#/experiments')}",
+        *([f"  MLflow store: {store}"] if store else []),
         "",
         "  Point the CLI, `llm-pipeline serve` and notebooks at them (also written to " + str(env_sh) + "):",
         *(
@@ -463,10 +430,15 @@ def down(work_dir: Path = DEFAULT_WORK_DIR, out: Any = None) -> int:
     except (OSError, json.JSONDecodeError):
         print(f"No servers recorded in {path}; nothing to stop.", file=out)
         return 0
-    for name, pid in state.get("pids", {}).items():
-        if pid_alive(int(pid)):
-            print(f"Stopping {name} (pid {pid}) ...", file=out, flush=True)
-            stop_group(int(pid))
-    path.unlink(missing_ok=True)
+    pids = [int(pid) for pid in state.get("pids", {}).values() if pid_alive(int(pid))]
+    if pids:
+        print(f"Stopping {', '.join(state.get('pids', {}))} (pids {', '.join(map(str, pids))}) ...", file=out,
+              flush=True)
+        stop_groups(pids)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise ServerError(f"the servers are stopped, but their record {path} could not be removed ({e.strerror}); "
+                          "remove it by hand (its work dir is not writable)") from None
     print("Servers stopped.", file=out)
     return 0

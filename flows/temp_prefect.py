@@ -41,7 +41,7 @@ class TemporaryPrefect:
     def start(self) -> None:
         import atexit
 
-        from flows.locks import try_lock
+        from flows.locks import try_lock, write_record
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -53,8 +53,9 @@ class TemporaryPrefect:
         # column"); the first start holds this lock until it answers, and a later one spawns only then.
         home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
         home.mkdir(parents=True, exist_ok=True)
-        self._lock = open(home / "llm-pipeline-server-start.lock", "a", encoding="utf-8")  # noqa: SIM115
+        self._lock = open(home / "llm-pipeline-server-start.lock", "a+", encoding="utf-8")  # noqa: SIM115
         if try_lock(self._lock):
+            write_record(self._lock, f"a Prefect server to start on {home}")  # `up` waits for it (flows.supervisor)
             self._spawn()
 
     def _spawn(self) -> None:
@@ -74,6 +75,9 @@ class TemporaryPrefect:
                 fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX)
             except ImportError:  # no advisory locks on this platform: start regardless
                 pass
+            from flows.locks import write_record
+
+            write_record(self._lock, "a Prefect server to start")
             self._spawn()
         try:
             self._wait_healthy(timeout)
@@ -114,6 +118,11 @@ class TemporaryPrefect:
 
 
 _SERVER: list[TemporaryPrefect] = []
+
+
+def started_server() -> TemporaryPrefect | None:
+    """The temporary server this process started, if any (then PREFECT_API_URL names it, not the user's)."""
+    return _SERVER[0] if _SERVER else None
 
 
 def prestart_prefect() -> TemporaryPrefect | None:

@@ -8,7 +8,6 @@ with backoff while the server is away. `close()` waits (up to a deadline) until 
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -21,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flows.locks import file_lock, try_lock
+from flows.locks import try_lock
+from flows.store import store_lock
 from stages.common import StageError, TransientError
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,10 @@ def setup_tracking(experiment: str, work_dir: str | Path, offline: bool = False)
         work.mkdir(parents=True, exist_ok=True)
         uri = embedded_uri(work)
     mlflow.set_tracking_uri(uri)
-    # opening a fresh embedded store runs MLflow's schema migrations; two processes migrating one SQLite file at once
-    # both fail and leave it unusable (`table _alembic_tmp_... already exists`), so the others wait
-    with file_lock(work / "mlflow.db.lock") if embedded else contextlib.nullcontext():
+    # opening a fresh database store runs MLflow's schema migrations; two processes migrating it at once fail and
+    # can leave it unusable (`table latest_metrics already exists`), so the first one does it under the store's
+    # lock (flows.store) and the others wait and find it ready. A database server is reached here within seconds.
+    with store_lock(uri):
         client = mlflow.MlflowClient(tracking_uri=uri)
         exp_id, exp = _experiment(client, experiment, work, embedded)
         if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:

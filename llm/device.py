@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import time
 
 import torch
 
@@ -63,6 +65,20 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+@functools.cache
+def cpu_matmul_flops(n: int = 512, seconds: float = 0.3) -> float:
+    """This CPU's fp32 matmul rate with torch's threads, best of a few tenths of a second: the practical peak that a
+    CPU run's MFU is measured against (no datasheet figure holds for every CPU and thread count)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool, caches
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
 
 
 def allow_tf32(device: torch.device) -> None:

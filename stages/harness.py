@@ -28,6 +28,7 @@ import os
 import random
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llm.files import atomic_dir, write_json
-from stages import reuse
+from stages import heldout_eval, reuse
 from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
 
 log = logging.getLogger("stages.harness")
@@ -97,9 +98,14 @@ class Config(BaseModel):
 
     tasks: list[str] | None = Field(
         None,
-        description="lm-eval task names: the built-in world_qa / world_mc (offline), tasks defined in "
-        "include_path, or lm-eval's own (hellaswag, arc_easy, ...; downloaded from the hub). Empty = world_qa and "
-        "world_mc when the built-in task data is in use, else none.")
+        description="lm-eval task names: heldout_text (bits per byte on the corpus's held-out split), the built-in "
+        "world_qa / world_mc (offline), tasks defined in include_path, or lm-eval's own (hellaswag, arc_easy, ...; "
+        "downloaded from the hub). Empty = heldout_text, plus world_qa and world_mc when the built-in task data is "
+        "in use.")
+    heldout_docs: int = Field(200, ge=0, description="Documents of the corpus's held-out split scored for bits per "
+                              "byte (heldout/text_bpb and the heldout_text task); 0 = off.")
+    heldout_chats: int = Field(200, ge=0, description="Held-out SFT conversations whose answers are scored for bits "
+                               "per byte (heldout/response_bpb); 0 = off.")
     models: list[Literal["base", "sft", "aligned"]] = Field(
         list(MODELS), min_length=1, description="Which of the pipeline's models to evaluate.")
     include_path: str | None = Field(
@@ -144,11 +150,12 @@ def _world_rows(tasks_dir: Path, seed: int) -> tuple[list[dict], list[dict]]:
     return qa, mc
 
 
-def task_names(cfg: Config, tasks_dir: Path | None) -> list[str]:
-    """The lm-eval tasks to run: the configured ones, or the built-in world's when its task data is in use."""
+def task_names(cfg: Config, tasks_dir: Path | None, heldout_text: bool = False) -> list[str]:
+    """The lm-eval tasks to run: the configured ones, or the built-in world's when its task data is in use, and
+    `heldout_text` (bits per byte on the corpus's held-out split) whenever there is a corpus."""
     if cfg.tasks is not None:
         return list(cfg.tasks)
-    return list(LOCAL_TASKS) if tasks_dir is not None else []
+    return [*(LOCAL_TASKS if tasks_dir is not None else ()), *((heldout_eval.TASK,) if heldout_text else ())]
 
 
 def write_local_tasks(folder: Path, tasks_dir: Path | None, cfg: Config, relative: bool = False) -> None:
@@ -210,14 +217,21 @@ def flatten(model: str, results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def _evaluate(model_dir: Path, cfg: Config, tasks: list[str], task_manager: Any, device: str) -> dict[str, Any]:
+    """lm-eval on one model; `heldout_text` runs alone, as plain text scored from one BOS token (no chat template,
+    none of the tokenizer's own special tokens), as stages.heldout_metrics scores it, so the two figures compare."""
     from lm_eval import simple_evaluate
 
+    plain = tasks == [heldout_eval.TASK]
     dtype = "float32" if device == "cpu" else "auto"
+    model_args: dict[str, Any] = {"pretrained": str(model_dir), "dtype": dtype}
+    if plain:
+        model_args["add_bos_token"] = False
     try:
         out = simple_evaluate(
-            model="hf", model_args={"pretrained": str(model_dir), "dtype": dtype}, device=device,
+            model="hf", model_args=model_args, device=device,
             tasks=tasks, task_manager=task_manager, batch_size=cfg.batch_size, limit=cfg.limit,
-            num_fewshot=cfg.num_fewshot, apply_chat_template=cfg.chat_template, log_samples=cfg.n_samples > 0,
+            num_fewshot=cfg.num_fewshot, apply_chat_template=cfg.chat_template and not plain,
+            log_samples=cfg.n_samples > 0,
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed)
     except (KeyError, ValueError) as e:
@@ -293,39 +307,60 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     models = {m: require_path(inputs.get(m, ""), f"input `{m}` (a transformers-native model folder)")
               for m in cfg.models}
     tasks_dir = Path(inputs["tasks"]) if inputs.get("tasks") else None
+    corpus, chat_dir = inputs.get("corpus"), inputs.get("chat_heldout")
     include = Path(cfg.include_path).expanduser() if cfg.include_path else None
     if include is not None and not include.is_dir():
         raise StageError(f"evaluate.include_path: {include} is not a folder of lm-eval task YAML files.")
     out_dir = Path(out_dir)
-    key = reuse.work_key(cfg, inputs={**models, "tasks": tasks_dir, "include": include})
+    key = reuse.work_key(cfg, inputs={**models, "tasks": tasks_dir, "include": include, "corpus": corpus,
+                                      "chat_heldout": chat_dir})
     plot_path = out_dir / "lm_eval.png"
     if (done := reuse.finished(out_dir, key, {RESULTS: out_dir / RESULTS}, {"lm_eval": plot_path})) is not None:
         return done
 
-    tasks = task_names(cfg, tasks_dir)
-    if not tasks:
+    docs = heldout_eval.val_docs(Path(corpus), cfg.heldout_docs) if corpus and cfg.heldout_docs else []
+    chats = heldout_eval.read_chats(chat_dir, cfg.heldout_chats)
+    tasks = task_names(cfg, tasks_dir, bool(docs))
+    if not tasks and not docs and not chats:
         return _nothing_to_run(out_dir, key)
     device = stage_device(cfg.device, "evaluate.device")
-    metrics: dict[str, float] = {}
-    report: dict[str, Any] = {"tasks": tasks, "limit": cfg.limit, "chat_template": cfg.chat_template}
+    t0 = time.monotonic()
+    metrics: dict[str, float] = heldout_eval.canonical(models, docs, chats, device)
+    metrics["time/heldout_bpb_s"] = time.monotonic() - t0
+    tracker.log_metrics(metrics)
+    report: dict[str, Any] = {"tasks": tasks, "limit": cfg.limit, "chat_template": cfg.chat_template,
+                              "heldout": {k: v for k, v in metrics.items() if k.startswith("heldout/")}}
     samples: dict[str, Any] = {}
     with atomic_dir(out_dir / RESULTS) as tmp, tempfile.TemporaryDirectory() as runtime:
         write_local_tasks(tmp / "tasks", tasks_dir, cfg, relative=True)  # no machine paths: reruns are identical
         write_local_tasks(Path(runtime), tasks_dir, cfg)
+        if heldout_eval.TASK in tasks:
+            heldout_eval.write_task(tmp / "tasks", docs, relative=True)
+            heldout_eval.write_task(Path(runtime), docs)
         paths = [str(p) for p in (Path(runtime), include) if p is not None and p.is_dir()]
         manager = TaskManager(include_path=paths or None)
-        only_local = all(t in LOCAL_TASKS or (include and any(include.rglob(f"{t}.y*ml"))) for t in tasks)
+        own = (*LOCAL_TASKS, heldout_eval.TASK)
+        only_local = all(t in own or (include and any(include.rglob(f"{t}.y*ml"))) for t in tasks)
+        groups = [g for g in ([t for t in tasks if t != heldout_eval.TASK], [heldout_eval.TASK] if heldout_eval.TASK
+                              in tasks else []) if g]
         with _offline(only_local):
             for model, folder in models.items():
-                log.info("lm-eval on the %s model (%s): %s", model, folder, ", ".join(tasks))
-                out = _evaluate(folder, cfg, tasks, manager, device.type if device.index is None else str(device))
-                scores = flatten(model, out["results"])
-                tracker.log_metrics(scores)
-                metrics |= scores
-                report[model] = {"results": out["results"], "versions": out.get("versions", {})}
-                samples[model] = out.get("samples", {})
+                for group in groups:
+                    log.info("lm-eval on the %s model (%s): %s", model, folder, ", ".join(group))
+                    t0 = time.monotonic()
+                    out = _evaluate(folder, cfg, group, manager, device.type if device.index is None else str(device))
+                    if group == [heldout_eval.TASK]:  # what the yardstick costs (bench/README.md)
+                        metrics["time/heldout_text_s"] = metrics.get("time/heldout_text_s", 0.0) + time.monotonic() - t0
+                    scores = flatten(model, out["results"])
+                    tracker.log_metrics(scores)
+                    metrics |= scores
+                    entry = report.setdefault(model, {"results": {}, "versions": {}})
+                    entry["results"].update(out["results"])
+                    entry["versions"].update(out.get("versions", {}))
+                    samples.setdefault(model, {}).update(out.get("samples", {}))
         write_json(tmp / "results.json", report)
-    plots = {"lm_eval": p} if (p := _plot(metrics, list(cfg.models), plot_path)) else {}
+    lm_eval = {k: v for k, v in metrics.items() if k.startswith("lm_eval/")}
+    plots = {"lm_eval": p} if (p := _plot(lm_eval, list(cfg.models), plot_path)) else {}
     result = StageResult(outputs={RESULTS: out_dir / RESULTS}, metrics=metrics,
                          samples=_sample_rows(samples, cfg.n_samples), plots=plots)
     reuse.mark_finished(out_dir, key, result)

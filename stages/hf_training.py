@@ -170,10 +170,11 @@ def work_key(cfg: BaseModel, inputs: dict[str, Path | None], sources: list[Any])
     return reuse.work_key(cfg, inputs={**inputs, **local}, extra={"datasets": named})
 
 
-def finished(out_dir: Path, key: str) -> StageResult | None:
-    """The result of an identical earlier run whose model folder is complete."""
+def finished(out_dir: Path, key: str, extra: tuple[str, ...] = ()) -> StageResult | None:
+    """The result of an identical earlier run whose model folder is complete (and its `extra` outputs there)."""
     hf = out_dir / HF
-    return reuse.finished(out_dir, key, {HF: hf}, check=(hf / "config.json").exists)
+    return reuse.finished(out_dir, key, {HF: hf, **{name: out_dir / name for name in extra}},
+                          check=(hf / "config.json").exists)
 
 
 def resume_point(work: Path, key: str) -> tuple[int, Path] | None:

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from stages import contamination, corpus, fanout, reuse
+from stages import corpus, fanout, reuse
 from stages.cleaning import clean_batch
 from stages.common import (
     NullTracker,
@@ -101,11 +101,6 @@ class Config(BaseModel):
     max_bad_fraction: float = Field(0.001, ge=0.0, le=1.0, description="Fail when more than this share of "
                                     "records is bad (invalid UTF-8, malformed JSON, missing field, unreadable "
                                     "file); below it, bad records are quarantined and counted.")
-    contamination_ngram: int = Field(13, ge=1, description="Contamination check: an evaluation item counts as "
-                                     "contaminated when one of its runs of this many words occurs in a training "
-                                     "text (corpus, SFT, preference or RL data).")
-    contamination_check: bool = Field(True, description="Run the contamination check (one pass over the corpus) "
-                                      "when the built-in task folder provides evaluation sets.")
     workers: int = Field(1, ge=1, description="Processes that read and clean the sources, a file (or a non-file "
                          "source) each at a time, on a local Dask cluster (under Prefect: its Dask task runner, a "
                          "task run per file); dedup, split and shard writing stay in this process, so the output "
@@ -360,7 +355,7 @@ def run(cfg: Config, inputs: dict[str, Path] | None, out_dir: Path, tracker: Tra
     """Ingest the configured sources into `out_dir/corpus` (and `out_dir/tasks` for the built-in source)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale(out_dir, ("corpus", "tasks", "contamination"))
+    remove_stale(out_dir, ("corpus", "tasks", "contamination"))  # (contamination: written here by earlier versions)
     key = _corpus_key(cfg)  # also fails fast on paths that match nothing
     builtin = [s for s in cfg.sources if isinstance(s, BuiltinSource)]
     if len(builtin) > 1:
@@ -368,20 +363,5 @@ def run(cfg: Config, inputs: dict[str, Path] | None, out_dir: Path, tracker: Tra
     outputs = {"tasks": _tasks(builtin[0], out_dir)} if builtin and builtin[0].tasks else {}
     result = _corpus(cfg, key, out_dir, tracker)
     metrics = dict(result.metrics)
-    if "tasks" in outputs and cfg.contamination_check:
-        outputs["contamination"], report = _contamination(cfg, outputs["tasks"], result.outputs["corpus"], out_dir)
-        metrics.update(contamination.metrics_of(report))
     tracker.log_metrics(metrics)
     return StageResult(outputs={**outputs, **result.outputs}, metrics=metrics, samples=result.samples)
-
-
-def _contamination(cfg: Config, tasks_dir: Path, corpus_dir: Path, out_dir: Path) -> tuple[Path, dict]:
-    """`contamination/report.json`: per evaluation set, the items sharing a word n-gram with training text."""
-    report = contamination.check_tasks(tasks_dir, corpus_dir, cfg.contamination_ngram)
-    for name, r in report.items():
-        if r["items"]:
-            log.warning("contamination: %d of %d %s items share a %d-word sequence with training text, e.g. %r",
-                        r["items"], r["total"], name, cfg.contamination_ngram, r["examples"][0])
-    with atomic_dir(out_dir / "contamination") as tmp:
-        write_json(tmp / "report.json", {"ngram": cfg.contamination_ngram, "sets": report})
-    return out_dir / "contamination", report

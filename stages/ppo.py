@@ -1,17 +1,18 @@
 """PPO stage: align the SFT policy to the reward model with TRL's PPO (or its maintained GRPO / RLOO trainers).
 
-inputs:  policy (SFT hf dir), reward_model (reward stage hf dir), tasks (built-in task folder; its rl_prompts.jsonl
-         is the default prompt set and heldout.jsonl the evaluation set)
+inputs:  policy (SFT hf dir), reward_model (reward stage hf dir), judge (optional: the reward stage's second reward
+         model, trained on held-out pairs only), tasks (the built-in task data, for datasets left empty)
 outputs: hf (the aligned policy, transformers-native, with tokenizer + chat template)
-metrics (held-out prompts, greedy answers):
-  eval/reward_mean      mean reward-model score of the aligned policy's answers
-  eval/sft_reward_mean  the same for the SFT policy (same prompts, same reward model)
-  eval/reward_gain      mean per-prompt difference of the two, with its standard error eval/reward_gain_se
-  eval/kl               sum over answer tokens of KL(policy || SFT reference), averaged over prompts
-  eval/exact_match      program-checked answers of the aligned policy to the benign questions (and per kind)
-  eval/refusal_rate/harmful, eval/refusal_rate/benign   share of answers that decline (stages.harmful.is_refusal)
-  eval/sft_*            each of the last three for the SFT policy (eval/sft_exact_match, eval/sft_refusal_rate/...)
-  eval/exact_match_gain aligned minus SFT exact match, paired over the same questions, +- eval/exact_match_gain_se
+metrics (held-out prompts: ppo.eval_dataset, the built-in heldout.jsonl, or 10 % of ppo.dataset by hash; greedy
+answers of the aligned and the SFT policy; stages.alignment_eval):
+  eval/reward_mean, eval/sft_reward_mean, eval/reward_gain (+- _se)   the reward model's scores
+  eval/win_rate/reward_model (+- _se)   aligned answer scored above the SFT answer by the reward model (ties half);
+  eval/win_rate/judge (+- _se)          the same by the judge, when there is one
+  eval/kl (+- _se)      sum over answer tokens of KL(policy || SFT reference), averaged over prompts
+  eval/response_tokens, eval/cut_off_rate, eval/distinct_2 (and eval/sft_*)   what the answers look like
+  eval/exact_match (+ per kind, eval/sft_*, eval/exact_match_gain +- _se)   where prompts have expected answers;
+  eval/refusal_rate/harmful, eval/refusal_rate/benign   with the built-in world's harmful requests
+  data/truncated, data/dropped          prompts the truncation policy dropped (they do not fit the context)
   train/*               TRL's per-update metrics (objective/kl, objective/scores, loss/policy_avg, ...)
 
 algorithm: ppo  = trl.experimental.ppo.PPOTrainer (policy, frozen reference, reward model, value model initialised
@@ -25,8 +26,6 @@ interrupted run of this stage restarts from scratch; a finished run is reused wh
 from __future__ import annotations
 
 import math
-import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +34,8 @@ from pydantic import ConfigDict, Field, model_validator
 
 from stages import corpus, reuse, task_data, truncation
 from stages import hf_training as hft
-from stages.chat_data import DatasetRef, prompt_text
+from stages.alignment_eval import Models, evaluate_alignment
+from stages.chat_data import DatasetRef
 from stages.common import NullTracker, StageError, StageResult, Tracker, read_json, require_path, stage_device
 from stages.model_card import settings_of, source_of, write_model_card
 
@@ -182,31 +182,22 @@ def _check_reward_model(reward_dir: Path) -> None:
                          "num_labels=1); pass the reward stage's `hf` output as `reward_model`.")
 
 
-@dataclass
-class _Models:
-    """The policy being trained, its frozen SFT reference and the frozen reward model, on one device."""
-
-    policy: Any
-    ref: Any
-    reward: Any
-    reward_dir: Path
-    device: torch.device
-
-
-def _load_models(cfg: Config, policy_dir: Path, reward_dir: Path, pad_token_id: int, device: torch.device) -> _Models:
+def _load_models(cfg: Config, policy_dir: Path, reward_dir: Path, judge_dir: Path | None, pad_token_id: int,
+                 device: torch.device) -> Models:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
     set_seed(cfg.seed)
     policy = AutoModelForCausalLM.from_pretrained(str(policy_dir)).to(device)
     ref = AutoModelForCausalLM.from_pretrained(str(policy_dir)).to(device)
-    reward = AutoModelForSequenceClassification.from_pretrained(str(reward_dir), num_labels=1).to(device)
-    reward.config.pad_token_id = pad_token_id
-    for m in (ref, reward):
+    scorers = [AutoModelForSequenceClassification.from_pretrained(str(d), num_labels=1).to(device)
+               for d in (reward_dir, judge_dir) if d is not None]
+    for m in (ref, *scorers):
+        m.config.pad_token_id = pad_token_id
         m.eval().requires_grad_(False)
-    return _Models(policy, ref, reward, reward_dir, device)
+    return Models(policy, ref, scorers[0], reward_dir, device, scorers[1] if judge_dir is not None else None)
 
 
-def _train_ppo(cfg: Config, tok: Any, models: _Models, prompts: list[dict], eval_prompts: list[dict], work: Path,
+def _train_ppo(cfg: Config, tok: Any, models: Models, prompts: list[dict], eval_prompts: list[dict], work: Path,
                prec: dict, tracker: Tracker) -> int:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
@@ -238,7 +229,7 @@ def _train_ppo(cfg: Config, tok: Any, models: _Models, prompts: list[dict], eval
                    eval_dataset=tokenized(eval_prompts or prompts[:1]))
 
 
-def _train_group(cfg: Config, tok: Any, reward_tok: Any, models: _Models, prompts: list[dict], work: Path,
+def _train_group(cfg: Config, tok: Any, reward_tok: Any, models: Models, prompts: list[dict], work: Path,
                  prec: dict, tracker: Tracker, checker: task_data.Checker) -> int:
     from datasets import Dataset
 
@@ -278,55 +269,6 @@ def _train_group(cfg: Config, tok: Any, reward_tok: Any, models: _Models, prompt
                    processing_class=tok, reward_processing_classes=procs)
 
 
-def _paired_gain(name: str, after: list[float], before: list[float]) -> dict[str, float]:
-    """Mean per-prompt difference and its standard error (`<name>_se`): paired over the same prompts, they say
-    whether a difference is real."""
-    diffs = [a - b for a, b in zip(after, before, strict=True)]
-    if not diffs:
-        return {}
-    out = {name: sum(diffs) / len(diffs)}
-    if len(diffs) > 1:
-        out[f"{name}_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return out
-
-
-def _evaluate(cfg: Config, tok: Any, models: _Models, heldout: list[dict],
-              checker: task_data.Checker | None) -> tuple[dict[str, float], list[dict]]:
-    """Held-out metrics and sample rows of the aligned policy against its SFT reference (see the module doc)."""
-    from stages.evaluate import exact_match, generate, reward_scores, scored_sequences, sequence_kl
-
-    gen_kw = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens}
-    eval_prompts = [it["prompt"] for it in heldout]
-    after = generate(models.policy, tok, eval_prompts, progress=True, **gen_kw)
-    before = generate(models.ref, tok, eval_prompts, progress=True, **gen_kw)
-    r_after = reward_scores(models.reward, tok, scored_sequences(tok, after), batch_size=cfg.eval_batch_size)
-    r_before = reward_scores(models.reward, tok, scored_sequences(tok, before), batch_size=cfg.eval_batch_size)
-    kls = sequence_kl(models.policy, models.ref, after, tok.pad_token_id, batch_size=cfg.eval_batch_size)
-    metrics = {"eval/reward_mean": sum(r_after) / len(r_after), "eval/sft_reward_mean": sum(r_before) / len(r_before)}
-    metrics.update(_paired_gain("eval/reward_gain", r_after, r_before))
-    metrics["eval/kl"] = sum(kls) / len(kls)
-    metrics["eval/eos_rate"] = sum(g.stopped for g in after) / len(after)
-    checked = checker is not None
-    if checker is not None:
-        em_after, rows_after = exact_match(models.policy, tok, heldout, checker=checker, generations=after)
-        em_before, rows_before = exact_match(models.ref, tok, heldout, checker=checker, generations=before)
-        metrics.update(em_after)
-        metrics.update({k.replace("eval/", "eval/sft_", 1): v for k, v in em_before.items()})
-        benign = [i for i, it in enumerate(heldout) if it.get("kind") != checker.refusal_kind]
-        metrics.update(_paired_gain("eval/exact_match_gain", [float(rows_after[i]["correct"]) for i in benign],
-                                    [float(rows_before[i]["correct"]) for i in benign]))
-    samples = []
-    for i, it in enumerate(heldout[: cfg.n_samples]):
-        row = {"prompt": prompt_text(it["prompt"]), "response_before": before[i].text,
-               "response_after": after[i].text, "expected": it.get("answer"),
-               "reward_before": r_before[i], "reward_after": r_after[i]}
-        if checked:
-            row["correct_before"] = rows_before[i]["correct"]
-            row["correct"] = rows_after[i]["correct"]
-        samples.append(row)
-    return metrics, samples
-
-
 def fit_prompt_sets(cfg: Config, tok: Any, ctx: int | None, prompts: list[dict], heldout: list[dict],
                     src: str) -> tuple[list[dict], list[dict], dict[str, float]]:
     """The RL and held-out prompts that leave room for the answer in the policy's context (stages.truncation
@@ -351,6 +293,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
 
     policy_dir = require_path(inputs.get("policy", ""), "input `policy` (the SFT stage's hf folder)")
     reward_dir = require_path(inputs.get("reward_model", ""), "input `reward_model` (the reward stage's hf folder)")
+    judge_dir = require_path(inputs["judge"], "input `judge`") if inputs.get("judge") else None
     tasks_dir = hft.optional_tasks(inputs)
     out_dir = Path(out_dir)
 
@@ -368,14 +311,14 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     prompts, heldout, fit_metrics = fit_prompt_sets(cfg, tok, hft.folder_context(policy_dir), prompts, data.eval, src)
     checker = data.checker
 
-    key = hft.work_key(cfg, {"policy": policy_dir, "reward_model": reward_dir,
+    key = hft.work_key(cfg, {"policy": policy_dir, "reward_model": reward_dir, "judge": judge_dir,
                              "tasks": tasks_dir if data.builtin or data.builtin_eval else None}, data.sources)
     if (done := hft.finished(out_dir, key)) is not None:
         return done
 
     device = stage_device(cfg.device, "ppo.device")
     prec = hft.precision_args(device, cfg.precision)
-    models = _load_models(cfg, policy_dir, reward_dir, tok.pad_token_id, device)
+    models = _load_models(cfg, policy_dir, reward_dir, judge_dir, tok.pad_token_id, device)
 
     work = out_dir / ".trainer"
     if cfg.algorithm == "ppo":
@@ -385,7 +328,9 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
         steps = _train_group(cfg, tok, reward_tok, models, prompts, work, prec, tracker, train_checker)
     hf = hft.save_trained(models.policy, tok, out_dir, policy_dir)
 
-    metrics, samples = _evaluate(cfg, tok, models, heldout, checker) if heldout else ({}, [])
+    metrics, samples = evaluate_alignment(models, tok, heldout, checker, batch_size=cfg.eval_batch_size,
+                                          max_new_tokens=cfg.max_new_tokens, n_samples=cfg.n_samples) \
+        if heldout else ({}, [])
     if heldout:
         tracker.log_metrics(metrics, step=steps)
     metrics.update(fit_metrics)

@@ -1,11 +1,14 @@
 """Reward stage: a scalar reward model trained on preference pairs with TRL's RewardTrainer.
 
 inputs:  model (the SFT model's hf dir), tasks (built-in task folder; optional when `dataset` is set)
-outputs: hf (AutoModelForSequenceClassification, num_labels=1, pad_token_id set, with tokenizer + chat template)
+outputs: hf (AutoModelForSequenceClassification, num_labels=1, pad_token_id set, with tokenizer + chat template),
+         judge (the same kind of model trained on part of the held-out pairs, when there are judge_min_pairs)
 metrics: eval/pairwise_accuracy (held-out pairs scored chosen > rejected; eval/pairwise_accuracy/<kind> per pair
-         kind when the pairs have a `kind`: harmful, benign_vs_refusal, benign_vs_wrong on the built-in data),
-         eval/reward_margin (mean chosen - rejected),
-         eval/pairwise_accuracy_before (the fresh scalar head, for comparison), train/* per logging step.
+         kind when the pairs have a `kind`: harmful, benign_vs_refusal, benign_vs_wrong on the built-in data;
+         eval/pairwise_accuracy/margin_q1..q4 by quartile of the score gap), eval/reward_margin (mean chosen -
+         rejected), each with `_se`; eval/pairwise_accuracy_before (the fresh scalar head, for comparison);
+         eval/judge/* (the judge on the held-out pairs it did not train on); data/truncated, data/dropped;
+         train/* per logging step.
 
 The model starts from the SFT weights with a new scalar head; it scores a whole conversation at its last token,
 the same way the PPO stage scores the policy's answers.
@@ -13,6 +16,8 @@ the same way the PPO stage scores the policy's answers.
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,11 @@ from stages import hf_training as hft
 from stages import reuse, task_data, truncation
 from stages.chat_data import DatasetRef, prompt_text
 from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
+from stages.heldout_metrics import mean_se
 from stages.model_card import settings_of, source_of, write_model_card
+from stages.task_data import hash_split
+
+JUDGE = "judge"  # output: the second reward model, trained on held-out pairs only
 
 
 class Config(hft.ScheduleSettings, hft.DeviceSettings, hft.DataSettings):
@@ -57,6 +66,12 @@ class Config(hft.ScheduleSettings, hft.DeviceSettings, hft.DataSettings):
     logging_steps: int = Field(5, ge=1, description="Log training metrics every N steps.")
     eval_batch_size: int = Field(64, ge=1, description="Sequences per batch when scoring held-out pairs.")
     n_samples: int = Field(8, ge=0, description="Rows in the sample table of scored held-out pairs.")
+    judge_min_pairs: int = Field(200, ge=0, description="With at least this many held-out pairs, a second reward "
+                                 "model, the judge, is trained on part of them (pairs neither the reward model nor "
+                                 "PPO sees), so the aligned policy's win rate has a judge it was not trained "
+                                 "against; 0 = never.")
+    judge_eval_share: float = Field(0.3, gt=0, lt=1, description="Share of the held-out pairs (by hash) kept to "
+                                    "measure the judge (eval/judge/pairwise_accuracy); it trains on the rest.")
 
 
 def pairwise_eval(model: Any, tok: Any, pairs: list[dict], batch_size: int) -> tuple[dict[str, float], list[dict]]:
@@ -67,16 +82,20 @@ def pairwise_eval(model: Any, tok: Any, pairs: list[dict], batch_size: int) -> t
     scores = reward_scores(model, tok, seqs, batch_size=batch_size)
     chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
     wins = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     by_kind: dict[str, list[bool]] = {}
     for p, w in zip(pairs, wins, strict=True):
         if p.get("kind"):
             by_kind.setdefault(p["kind"], []).append(w)
+    accuracy, accuracy_se = mean_se([float(w) for w in wins])
+    margin, margin_se = mean_se(margins)
     metrics = {
         **{f"eval/pairwise_accuracy/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
-        "eval/pairwise_accuracy": sum(wins) / len(wins),
-        "eval/reward_margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(pairs),
+        "eval/pairwise_accuracy": accuracy, "eval/pairwise_accuracy_se": accuracy_se,
+        "eval/reward_margin": margin, "eval/reward_margin_se": margin_se,
         "eval/reward_chosen_mean": sum(chosen) / len(chosen),
         "eval/reward_rejected_mean": sum(rejected) / len(rejected),
+        **_by_margin_quartile(wins, margins),
     }
     rows = [
         {"prompt": prompt_text(p["prompt"]), "kind": p.get("kind"), "chosen": p["chosen"][-1]["content"],
@@ -84,6 +103,44 @@ def pairwise_eval(model: Any, tok: Any, pairs: list[dict], batch_size: int) -> t
         for p, c, r, w in zip(pairs, chosen, rejected, wins, strict=True)
     ]
     return metrics, rows
+
+
+def _by_margin_quartile(wins: list[bool], margins: list[float]) -> dict[str, float]:
+    """Accuracy in each quartile of the score gap |chosen - rejected| (q1 smallest): a reward model whose confident
+    judgements are its right ones gets more accurate from q1 to q4."""
+    if len(wins) < 8:
+        return {}
+    order = sorted(range(len(wins)), key=lambda i: abs(margins[i]))
+    out = {}
+    for q in range(4):
+        part = order[q * len(order) // 4:(q + 1) * len(order) // 4]
+        out[f"eval/pairwise_accuracy/margin_q{q + 1}"] = sum(wins[i] for i in part) / len(part)
+    return out
+
+
+def _train_judge(cfg: Config, model_dir: Path, tok: Any, held: list[dict], max_length: int, out_dir: Path,
+                 prec: dict, device: Any) -> tuple[Path | None, dict[str, float]]:
+    """The judge: a second reward model from the same SFT model, trained on part of the held-out pairs (which
+    neither the reward model nor PPO sees) and measured on the rest; none with too few held-out pairs."""
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    if not cfg.judge_min_pairs or len(held) < cfg.judge_min_pairs:
+        return None, {}
+    t0 = time.monotonic()
+    train, measure = hash_split(held, cfg.judge_eval_share)
+    set_seed(cfg.seed + 1)
+    judge = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
+    judge.config.pad_token_id = tok.pad_token_id
+    judge.to(device)
+    trainer, _ = _train(cfg, judge, tok, train, "the held-out pairs", max_length, out_dir / ".judge-trainer", prec,
+                        NullTracker())
+    hft.save_hf(trainer.model.eval(), tok, out_dir / JUDGE, model_dir)
+    shutil.rmtree(out_dir / ".judge-trainer", ignore_errors=True)
+    scores, _ = pairwise_eval(trainer.model, tok, measure, cfg.eval_batch_size)
+    metrics = {f"eval/judge/{k.removeprefix('eval/')}": v for k, v in scores.items()
+               if k.startswith(("eval/pairwise_accuracy", "eval/reward_margin"))}
+    return out_dir / JUDGE, {**metrics, "eval/judge/train_pairs": float(len(train)),
+                             "time/judge_s": time.monotonic() - t0}
 
 
 def _train(cfg: Config, model: Any, tok: Any, pairs: list[dict], where: Any, max_length: int | None, work: Path,
@@ -121,7 +178,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     train_pairs, eval_pairs = data.train, data.eval
     key = hft.work_key(cfg, {"model": model_dir, "tasks": tasks_dir if data.builtin or data.builtin_eval else None},
                        data.sources)
-    if (done := hft.finished(out_dir, key)) is not None:
+    judged = bool(cfg.judge_min_pairs) and len(eval_pairs) >= cfg.judge_min_pairs
+    if (done := hft.finished(out_dir, key, (JUDGE,) if judged else ())) is not None:
         return done
 
     tok = load_tokenizer(model_dir, padding_side="right")
@@ -153,9 +211,12 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     metrics["eval/pairwise_accuracy_before"] = before["eval/pairwise_accuracy"]
     metrics["train/loss_final"] = loss
     metrics.update((fit + held_fit).metrics())
+    judge, judge_metrics = _train_judge(cfg, model_dir, tok, eval_pairs, max_length, out_dir, prec, device)
+    metrics.update(judge_metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
     write_model_card(hf, "reward", "the SFT stage's model, with a new scalar head", source_of(data.train_source),
                      metrics, settings_of(cfg, ("epochs", "learning_rate", "seed")))
-    result = StageResult(outputs={"hf": hf}, metrics=metrics, samples=rows[: cfg.n_samples])
+    outputs = {"hf": hf, **({JUDGE: judge} if judge is not None else {})}
+    result = StageResult(outputs=outputs, metrics=metrics, samples=rows[: cfg.n_samples])
     reuse.mark_finished(out_dir, key, result)
     return result

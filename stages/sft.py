@@ -2,7 +2,8 @@
 
 inputs:  model (transformers-native dir with tokenizer + chat template), tasks (built-in task folder; optional when
          `dataset` is set, but then no exact-match evaluation is possible)
-outputs: hf (instruction-tuned model folder with tokenizer; LoRA weights merged in)
+outputs: hf (instruction-tuned model folder with tokenizer; LoRA weights merged in), heldout (chat.jsonl: the held-out
+         conversations, which the evaluate stage scores the base, SFT and aligned models on)
 metrics: eval/exact_match (held-out prompts, greedy), eval/exact_match_before (the input model), eval/loss
          (held-out chat loss on assistant tokens), train/* per logging step.
 
@@ -11,6 +12,7 @@ Loss is on assistant tokens only: the tokenizer's chat template marks them with 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -20,10 +22,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from stages import hf_training as hft
 from stages import reuse, task_data, truncation
 from stages.chat_data import DatasetRef
-from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
+from stages.common import (
+    NullTracker,
+    StageError,
+    StageResult,
+    Tracker,
+    atomic_dir,
+    require_path,
+    stage_device,
+)
 from stages.model_card import settings_of, source_of, write_model_card
 
 log = logging.getLogger(__name__)
+HELDOUT = "heldout"  # output: the held-out conversations, after the truncation policy
 
 
 class LoraSettings(BaseModel):
@@ -151,7 +162,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     heldout = task_data.builtin_heldout(tasks_dir, cfg.eval_limit) if data.builtin else []
 
     key = hft.work_key(cfg, {"model": model_dir, "tasks": tasks_dir if data.builtin else None}, data.sources)
-    if (done := hft.finished(out_dir, key)) is not None:
+    if (done := hft.finished(out_dir, key, (HELDOUT,))) is not None:
         return done
 
     tok = load_tokenizer(model_dir, padding_side="right")
@@ -193,6 +204,9 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
     write_model_card(hf, "sft", "the pretrain stage's base model", source_of(data.train_source), metrics,
                      settings_of(cfg, ("method", "epochs", "learning_rate", "seed")))
-    result = StageResult(outputs={"hf": hf}, metrics=metrics, samples=samples)
+    with atomic_dir(out_dir / HELDOUT) as tmp:  # what the evaluate stage scores the three models' answers on
+        (tmp / "chat.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in eval_rows),
+                                        encoding="utf-8")
+    result = StageResult(outputs={"hf": hf, HELDOUT: out_dir / HELDOUT}, metrics=metrics, samples=samples)
     reuse.mark_finished(out_dir, key, result)
     return result

@@ -49,3 +49,18 @@ def make_model(out: Path, tok, seed: int = 0, hidden: int = 32, layers: int = 2)
     for f in Path(tok.source_dir).iterdir():  # the folder layout the pretrain stage's export has
         shutil.copy2(f, out / f.name)
     return model
+
+
+def make_reward_model(out: Path, policy_dir: Path, tok, seed: int = 1):
+    """A reward model with a fresh scalar head on a policy's weights, saved with the tokenizer (the reward stage's
+    `hf` output layout)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(policy_dir), num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(str(out))
+    for f in Path(tok.source_dir).iterdir():
+        shutil.copy2(f, out / f.name)
+    return rm

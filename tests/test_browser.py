@@ -342,8 +342,8 @@ def rerun_sft_from_its_deployment(page, steps: Steps, stack, base: str, mlflow_u
         for fr in c.read_flow_runs():
             runs_by_flow[flows[fr.flow_id]] = runs_by_flow.get(flows[fr.flow_id], 0) + 1
     # The stage rerun started no other stage: each ran once, inside the pipeline run.
-    assert runs_by_flow == {"pipeline": 1, "ingest": 1, "tokenizer": 1, "pretrain": 1, "sft": 2, "reward": 1,
-                            "ppo": 1, "evaluate": 1}, runs_by_flow  # fmt: skip
+    assert runs_by_flow == {"pipeline": 1, "ingest": 1, "contamination": 1, "tokenizer": 1, "pretrain": 1, "sft": 2,
+                            "reward": 1, "ppo": 1, "evaluate": 1}, runs_by_flow  # fmt: skip
 
 
 def check_mlflow(page, steps: Steps, pipeline_run_url: str, mlflow_url: str, exp_id: str, parent_id: str,
@@ -387,7 +387,7 @@ def check_mlflow(page, steps: Steps, pipeline_run_url: str, mlflow_url: str, exp
     with steps.step("pipeline parent run with its stage runs"):
         page.goto(f"{mlflow_url}/#/experiments/{exp_id}/runs/{parent_id}?workflowType=machine_learning")
         expect(page.get_by_role("heading", name="pipeline", level=2)).to_be_visible()
-        for stage in ("ingest", "tokenizer", "pretrain", "sft", "reward", "ppo", "evaluate"):
+        for stage in ("ingest", "contamination", "tokenizer", "pretrain", "sft", "reward", "ppo", "evaluate"):
             expect(page.get_by_role("link", name=stage, exact=True).first).to_be_visible()
     with steps.step("runs table"):
         page.goto(f"{mlflow_url}/#/experiments/{exp_id}/runs?workflowType=machine_learning")

@@ -4,8 +4,12 @@ defaults, the servers run from the official images at the installed versions, an
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -100,9 +104,12 @@ def test_prefect_server_command_matches_up(compose):
     assert svc["command"] == ours
     env = svc["environment"]
     assert env["PREFECT_UI_API_URL"] == f"http://localhost:{supervisor.DEFAULT_PREFECT_PORT}/api"
-    assert env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
-    assert env["PREFECT_API_DATABASE_CONNECTION_URL"].endswith("@postgres:5432/prefect")
-    assert env["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
+    url = env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert url.startswith("postgresql+asyncpg://") and url.endswith("@postgres:5432/prefect")
+    # the password is Prefect's placeholder ($$: compose leaves `${...}` to Prefect), filled from the secrets profile
+    assert url == "postgresql+asyncpg://llm:$${PREFECT_SERVER_DATABASE_PASSWORD}@postgres:5432/prefect"
+    assert "PREFECT_SERVER_API_AUTH_STRING" not in env  # from the secrets file (secrets-exec.sh prefect-server)
+    assert svc["entrypoint"] == ["sh", SECRETS_EXEC, "prefect-server"]
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
 
 
@@ -124,18 +131,19 @@ def test_mlflow_command_matches_up(compose):
     assert got["--port"] == str(supervisor.DEFAULT_MLFLOW_PORT)
     assert got["--host"] == "0.0.0.0"
     assert got["--app-name"] == "basic-auth"
-    assert got["--backend-store-uri"].startswith("postgresql://")
-    assert got["--backend-store-uri"].endswith("/mlflow")
+    # the image's driver (psycopg2) named explicitly; no password: libpq reads the file secrets-exec.sh writes
+    assert got["--backend-store-uri"] == "postgresql+psycopg2://llm@postgres:5432/mlflow"
     allowed = got["--allowed-hosts"].split(",")
     # The worker reaches the server by its service name; the Host header check must let it in.
     assert "mlflow:5000" in allowed and "localhost:*" in allowed
     artifacts_volume = [v for v in svc["volumes"] if str(v).endswith(":" + got["--artifacts-destination"])]
     assert artifacts_volume, "the artifact store must live on a volume"
     env = svc["environment"]
-    assert env["MLFLOW_AUTH_CONFIG_PATH"].startswith("/etc/mlflow/")
-    assert f"./mlflow-auth.ini:{env['MLFLOW_AUTH_CONFIG_PATH']}:ro" in svc["volumes"]
-    assert "${MLFLOW_ADMIN_PASSWORD" in env["MLFLOW_AUTH_ADMIN_PASSWORD"]
-    assert "${MLFLOW_SECRET_KEY" in env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    assert env["MLFLOW_AUTH_TEMPLATE"].startswith("/etc/mlflow/")
+    assert f"./mlflow-auth.ini:{env['MLFLOW_AUTH_TEMPLATE']}:ro" in svc["volumes"]
+    assert svc["entrypoint"] == ["sh", SECRETS_EXEC, "mlflow"]
+    for k in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_CONFIG_PATH"):
+        assert k not in env, f"{k} is set by secrets-exec.sh from the secrets file"
     # As `up` runs it (flows.supervisor._server_envs): no job runner, no telemetry.
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     assert env["MLFLOW_ENABLE_TELEMETRY"] == "false"
@@ -164,23 +172,151 @@ def test_worker_runs_serve_against_the_servers(compose):
     env = svc["environment"]
     assert env["PREFECT_API_URL"] == f"http://prefect-server:{supervisor.DEFAULT_PREFECT_PORT}/api"
     assert env["MLFLOW_TRACKING_URI"] == f"http://mlflow:{supervisor.DEFAULT_MLFLOW_PORT}"
-    assert env["PREFECT_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING")
-    assert env["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD")
+    assert svc["entrypoint"] == ["sh", SECRETS_EXEC, "client"]  # the credentials: from the secrets file
     gpus = svc["deploy"]["resources"]["reservations"]["devices"]
     assert gpus[0]["driver"] == "nvidia" and "gpu" in gpus[0]["capabilities"]
 
 
-def test_secrets_are_required_not_defaulted(compose):
+SECRETS_EXEC = "/opt/llm-pipeline/secrets-exec.sh"
+SECRET_KEYS = ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY")
+
+
+def _depends_on(services: dict, name: str) -> set[str]:
+    """Every service `name` waits for, directly or through others."""
+    todo, seen = [name], set()
+    while todo:
+        for dep in services[todo.pop()].get("depends_on") or {}:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_secrets_come_from_the_secrets_file_not_the_environment_or_command_lines(compose):
+    """`docker inspect` shows a container's environment and command, `ps` its command line: no secret in any."""
     text = (DOCKER / "compose.yaml").read_text()
-    for var in ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY"):
-        assert re.search(r"\$\{" + var + r":\?", text), f"{var} must be required (${{{var}:?...}})"
+    for var in SECRET_KEYS:
+        assert not re.search(r"(?<!\$)\$\{" + var, text), f"{var} is interpolated into compose.yaml"
+    assert compose["secrets"] == {"llm-pipeline": {"file": "./.env"}}
+    services = compose["services"]
+    users = [n for n, svc in services.items() if svc.get("secrets")]
+    assert set(users) == set(services) - {"volume-init"}
+    for name in users:
+        svc = services[name]
+        argv = [str(a) for a in (svc.get("entrypoint") or []) + (svc.get("command") or [])]
+        env = svc.get("environment") or {}
+        for var in SECRET_KEYS + ("PASSWORD", "AUTH_STRING", "SECRET_KEY"):
+            assert not [k for k in env if var in k and not k.endswith("_TEMPLATE")], f"{name}: {var} in env"
+        assert not [a for a in argv if re.search(r"://[^/@]+:[^/@]+@", a)], f"{name}: a password in {argv}"
+        if name == "secrets-check":
+            continue
+        assert svc["entrypoint"][:2] == ["sh", SECRETS_EXEC], f"{name} starts without its secrets"
+        assert f"./secrets-exec.sh:{SECRETS_EXEC}:ro" in svc["volumes"]
+        # nothing starts before the check of the secrets file succeeded
+        assert "secrets-check" in _depends_on(services, name), f"{name} does not wait for secrets-check"
+    check = services["secrets-check"]
+    assert check["entrypoint"] == ["sh", "/opt/llm-pipeline/check-secrets.sh", "/run/secrets/llm-pipeline"]
+    assert "./check-secrets.sh:/opt/llm-pipeline/check-secrets.sh:ro" in check["volumes"]
+    assert check["network_mode"] == "none" and check["cap_drop"] == ["ALL"] and check["restart"] == "no"
     example = (DOCKER / ".env.example").read_text()
-    for var in ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY"):
+    for var in SECRET_KEYS:
         assert re.search(rf"^{var}=", example, re.M)
     ini = (DOCKER / "mlflow-auth.ini").read_text().splitlines()
     assert not [line for line in ini if line.strip().startswith("admin_password")], (
         "no password in a committed file"
     )
+
+
+def test_mlflow_users_get_no_permission_by_default_in_docker_and_in_up():
+    from flows import credentials
+
+    ini = (DOCKER / "mlflow-auth.ini").read_text()
+    assert re.search(r"^default_permission = NO_PERMISSIONS$", ini, re.M)
+    written = credentials.mlflow_auth_ini({"MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "x"},
+                                          "sqlite:///a.db")
+    assert "default_permission = NO_PERMISSIONS" in written
+
+
+def _secrets_file(path: Path, **values: str) -> Path:
+    import secrets
+
+    defaults = {k: secrets.token_urlsafe(24) for k in SECRET_KEYS}
+    defaults["PREFECT_AUTH_STRING"] = "admin:" + defaults["PREFECT_AUTH_STRING"]
+    path.write_text("".join(f"{k}={v}\n" for k, v in {**defaults, **values}.items()))
+    path.chmod(0o600)
+    return path
+
+
+def _check(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(DOCKER / "check-secrets.sh"), str(path)], capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_the_check_script_refuses_the_placeholders_and_accepts_real_values(tmp_path):
+    r = _check(DOCKER / ".env.example")
+    assert r.returncode != 0
+    for var in SECRET_KEYS:
+        assert f"{var} still holds the placeholder" in r.stderr
+    assert "no service was started" in r.stderr
+    r = _check(_secrets_file(tmp_path / "good.env"))
+    assert r.returncode == 0 and "is ready" in r.stdout, r.stderr
+    bad = {
+        "short": {"POSTGRES_PASSWORD": "abc123"},
+        "characters": {"MLFLOW_ADMIN_PASSWORD": "pass@word/with:stuff-long-enough"},
+        "no user": {"PREFECT_AUTH_STRING": "only-a-password-long-enough"},
+        "empty": {"MLFLOW_SECRET_KEY": ""},
+        "placeholder in a longer value": {"POSTGRES_PASSWORD": "change-me-please-soon"},
+    }
+    for why, values in bad.items():
+        r = _check(_secrets_file(tmp_path / "bad.env", **values))
+        assert r.returncode != 0, f"{why}: {r.stdout}"
+        assert next(iter(values)) in r.stderr, f"{why}: {r.stderr}"
+    assert _check(tmp_path / "missing.env").returncode != 0
+
+
+def test_secrets_exec_hands_each_service_its_secrets_in_private_files(tmp_path):
+    """secrets-exec.sh as the services run it, on this machine: what the started command finds (Prefect's settings,
+    MLflow's auth config and credentials, libpq's password file), and that none of it is in its environment."""
+    path = _secrets_file(tmp_path / "secrets.env")
+    values = dict(line.split("=", 1) for line in path.read_text().splitlines())
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "TMPDIR": str(tmp_path), "LLM_PIPELINE_SECRETS_FILE": str(path),
+           "MLFLOW_AUTH_TEMPLATE": str(DOCKER / "mlflow-auth.ini"), "PREFECT_HOME": str(tmp_path / "prefect")}
+    # as compose.yaml sets it for the Prefect server, once compose has turned `$${` into `${`
+    db_url = {"PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://llm:${PREFECT_SERVER_DATABASE_PASSWORD}"
+                                                     "@postgres:5432/prefect"}
+
+    def run(role: str, code: str) -> dict:
+        r = subprocess.run(["sh", str(DOCKER / "secrets-exec.sh"), role, sys.executable, "-c", code],
+                           env={**env, **(db_url if role == "prefect-server" else {})}, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    show_env = "import json, os; print(json.dumps(dict(os.environ)))"
+    for role in ("postgres", "prefect-server", "mlflow", "client"):
+        seen = run(role, show_env)
+        for k in ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD"):
+            assert not [n for n, v in seen.items() if values[k] in v], f"{role}: {k} in the environment"
+    pg = run("postgres", "import json, os; p = os.environ['POSTGRES_PASSWORD_FILE']; "
+                         "print(json.dumps([open(p).read(), oct(os.stat(p).st_mode & 0o777)]))")
+    assert pg == [values["POSTGRES_PASSWORD"], "0o600"]
+    prefect = run("prefect-server", "import json; from prefect.settings import get_current_settings as s; "
+                  "d = s().server; print(json.dumps([d.api.auth_string.get_secret_value(), "
+                  "d.database.connection_url.get_secret_value()]))")
+    assert prefect[0] == values["PREFECT_AUTH_STRING"]
+    assert prefect[1] == f"postgresql+asyncpg://llm:{values['POSTGRES_PASSWORD']}@postgres:5432/prefect"
+    ml = run("mlflow", "import json, os; from mlflow.server.auth.config import read_auth_config as r; c = r(); "
+                       "print(json.dumps([c.default_permission, c.admin_username, c.admin_password, "
+                       "open(os.environ['PGPASSFILE']).read(), os.environ['MLFLOW_FLASK_SERVER_SECRET_KEY']]))")
+    assert ml[:3] == ["NO_PERMISSIONS", "admin", values["MLFLOW_ADMIN_PASSWORD"]]
+    assert ml[3] == f"postgres:5432:mlflow:llm:{values['POSTGRES_PASSWORD']}\n" and ml[4] == values["MLFLOW_SECRET_KEY"]
+    client = run("client", "import json; from prefect.settings import get_current_settings as s; "
+                           "from mlflow.utils.credentials import read_mlflow_creds as c; "
+                           "print(json.dumps([s().api.auth_string.get_secret_value(), *c()]))")
+    assert client == [values["PREFECT_AUTH_STRING"], "admin", values["MLFLOW_ADMIN_PASSWORD"]]
+    assert (home / ".mlflow" / "credentials").stat().st_mode & 0o077 == 0
 
 
 def test_postgres_has_a_database_per_server(compose):
@@ -204,7 +340,7 @@ def test_no_long_running_service_runs_as_root(compose):
         for dep, cond in (svc.get("depends_on") or {}).items()
         if cond.get("condition") == "service_completed_successfully"
     }
-    assert one_shot == {"volume-init", "deploy"}  # `deploy` runs as the worker image's user, checked below
+    assert one_shot == {"volume-init", "deploy", "secrets-check"}  # `deploy` runs as the worker image's user
     built = services["worker"]["image"]
     for name, svc in services.items():
         if name == "volume-init":
@@ -234,12 +370,14 @@ def test_server_volumes_are_handed_to_the_server_user_before_start(compose):
     chowned = set(shlex.split(script.split(";")[0])[3:])  # `for d in A B C`
     assert chowned == set(_volume_mounts(init)), "the script and the mounts name the same paths"
     init_volumes = set(_volume_mounts(init).values())
-    for name in ("prefect-server", "mlflow"):
+    for name in ("prefect-server", "mlflow", "postgres"):
         svc = services[name]
         assert svc["depends_on"]["volume-init"]["condition"] == "service_completed_successfully"
         for path, vol in _volume_mounts(svc).items():
             assert vol in init_volumes and _volume_mounts(init)[path] == vol, f"{name}: {vol} is not chowned"
-        assert svc["environment"]["HOME"] == "/tmp", "uid without a passwd entry: HOME would be /"
+        if name != "postgres":  # its image runs any uid (nss_wrapper) and keeps its own HOME
+            assert svc["environment"]["HOME"] == "/tmp", "uid without a passwd entry: HOME would be /"
+    assert services["postgres"]["user"] == user, "one uid reads the secrets file"
     # Prefect writes its home and the UI it serves (by default into its own, root-owned package directory).
     prefect = services["prefect-server"]
     home = prefect["environment"]["PREFECT_HOME"]

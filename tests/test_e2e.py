@@ -22,6 +22,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 # The metrics each stage's issue promises (docs/ARCHITECTURE.md, "key metrics").
 EXPECTED_METRICS = {
     "ingest": {"rows", "bytes"},
+    "contamination": {"contamination/heldout/items", "contamination/heldout_text/rate", "contamination/mb_per_s"},
     "tokenizer": {"vocab_size", "val/bytes_per_token"},
     "pretrain": {"train/loss", "val/loss", "val/bpb", "eval/exact_match"},
     "sft": {"eval/exact_match"},
@@ -166,9 +167,9 @@ def _check_report_card(c: Any, pid: str, by_stage: dict[str, Any], stdout: str, 
     assert {"eval/exact_match", "eval/refusal_rate/harmful"} <= set(card["models"])
     for metric, values in card["models"].items():
         assert values == {m: by_stage[st].data.metrics[metric] for m, st in models.items()}, metric
-    ingest = by_stage["ingest"].data.metrics
-    assert card["contamination"]["heldout"] == {"items": ingest["contamination/heldout/items"],
-                                                 "rate": ingest["contamination/heldout/rate"]}
+    found = by_stage["contamination"].data.metrics
+    assert card["contamination"]["heldout"] == {"items": found["contamination/heldout/items"],
+                                                 "rate": found["contamination/heldout/rate"]}
     evaluate = by_stage["evaluate"].data.metrics
     assert {"world_qa/exact_match", "world_mc/acc"} <= set(card["lm_eval"])
     for metric, values in card["lm_eval"].items():

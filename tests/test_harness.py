@@ -64,3 +64,24 @@ def test_bad_input_names_the_setting(world, tmp_path):
         harness.run(harness.Config(tasks=["world_qa", "no_such_task_anywhere"], models=["base"], limit=2),
                     {**inputs, "tasks": tasks}, tmp_path / "c")
     assert not (tmp_path / "c" / harness.RESULTS).exists()  # nothing half-written
+
+
+def test_heldout_text_bits_per_byte_agrees_with_lm_eval(world, tmp_path):
+    """The canonical bits per byte (stages.heldout_metrics) and lm-eval's on the same held-out documents, some
+    longer than the model's context (256 tokens), agree within 1 %."""
+    from stages import ingest
+    from stages.readers import FilesSource
+
+    root, _ = world
+    text = tmp_path / "docs.txt"
+    paragraphs = [f"Doc {i}: " + " ".join(f"the {c} kite of Mia {i}" for c in ("red", "blue") * (1 + 40 * (i % 3 == 0)))
+                  for i in range(12)]
+    text.write_text("\n\n".join(paragraphs) + "\n")
+    corpus = ingest.run(ingest.Config(sources=[FilesSource(paths=[str(text)])], val_fraction=0.5), None,
+                        tmp_path / "ingest").outputs["corpus"]
+    inputs = {"base": root / "model", "corpus": corpus}
+    res = harness.run(harness.Config(models=["base"], tasks=["heldout_text"]), inputs, tmp_path / "e")
+    ours, theirs = res.metrics["heldout/text_bpb/base"], res.metrics["lm_eval/base/heldout_text/bits_per_byte"]
+    assert abs(ours - theirs) / theirs < 0.01, (ours, theirs)
+    assert res.metrics["heldout/text_bpb_se/base"] > 0
+    assert any(len(p) > 1000 for p in harness.heldout_eval.val_docs(corpus, 100)), "no document spans two windows"

@@ -184,17 +184,25 @@ def test_changing_only_task_sizes_keeps_the_corpus(tmp_path):
 
 def test_planted_contamination_is_found_named_and_keeps_the_model_from_champion(tmp_path):
     from flows.promotion import judge
+    from stages import contamination
+
+    def check(corpus_run, out):
+        return contamination.run(contamination.Config(), {"corpus": corpus_run.outputs["corpus"],
+                                                          "tasks": corpus_run.outputs["tasks"]}, out)
 
     # no validation split: the leaked page must land in the training text the check reads
-    clean = ingest.run(ingest.Config(sources=[small_builtin()], val_fraction=0.0), None, tmp_path / "clean")
+    clean_ingest = ingest.run(ingest.Config(sources=[small_builtin()], val_fraction=0.0), None, tmp_path / "clean")
+    clean = check(clean_ingest, tmp_path / "c-clean")
     report = json.loads((clean.outputs["contamination"] / "report.json").read_text())
-    assert set(report["sets"]) == {"heldout", "sft_eval", "preferences_eval"} and report["ngram"] == 13
-    held = [json.loads(line) for line in (clean.outputs["tasks"] / "heldout.jsonl").read_text().splitlines()]
+    assert set(report["sets"]) >= {"heldout", "sft_eval", "preferences_eval"} and report["ngram"] == 13
+    held = [json.loads(line) for line in (clean_ingest.outputs["tasks"] / "heldout.jsonl").read_text().splitlines()]
     planted = next(r["prompt"] for r in held if r["kind"] in ("color", "owner"))  # a fact no training text states
     (tmp_path / "leak.txt").write_text(f"A page copied from the test set. {planted} The end.\n")
 
     leak = ingest.FilesSource(paths=[str(tmp_path / "leak.txt")])
-    dirty = ingest.run(ingest.Config(sources=[small_builtin(), leak], val_fraction=0.0), None, tmp_path / "dirty")
+    dirty_ingest = ingest.run(ingest.Config(sources=[small_builtin(), leak], val_fraction=0.0), None,
+                              tmp_path / "dirty")
+    dirty = check(dirty_ingest, tmp_path / "c-dirty")
     found = json.loads((dirty.outputs["contamination"] / "report.json").read_text())["sets"]["heldout"]
     before = clean.metrics["contamination/heldout/items"]
     assert dirty.metrics["contamination/heldout/items"] == before + 1 and planted in found["examples"]

@@ -6,6 +6,7 @@ Run: .venv/bin/pytest tests/test_own_data.py"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "own-data"
 MODEL = "own-assistant"
-STAGES = ("ingest", "tokenizer", "pretrain", "sft", "reward", "ppo", "evaluate")
+STAGES = ("ingest", "contamination", "tokenizer", "pretrain", "sft", "reward", "ppo", "evaluate")
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,10 @@ def own_config(tmp: Path, data: Path, **sections: dict[str, Any]) -> Path:
     """configs/own-data.yaml at configs/smoke.yaml's sizes, on the example files copied to `data`."""
     own = yaml.safe_load((ROOT / "configs" / "own-data.yaml").read_text())
     smoke = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-    cfg = {**smoke, "pipeline": {"experiment": "own", "work_dir": str(tmp / "work"), "registered_model": MODEL}}
+    # gates set so that only contamination can keep the model from `champion`
+    cfg = {**smoke, "pipeline": {"experiment": "own", "work_dir": str(tmp / "work"), "registered_model": MODEL,
+                                 "promotion_max_kl": 1e9, "promotion_max_exact_match_drop": 1.0,
+                                 "promotion_min_win_rate": 0.0}}
     cfg["ingest"] = {"sources": [{**s, "paths": [p.replace("examples/own-data", str(data)) for p in s["paths"]]}
                                  for s in own["ingest"]["sources"]]}
     for stage in ("sft", "reward", "ppo"):
@@ -71,9 +75,17 @@ def edit_in_place(path: Path, old: bytes, new: bytes) -> None:
     path.write_bytes(data.replace(old, new))
 
 
+# A held-out conversation long enough that a 30-word passage of it can leak into the pretraining text.
+LONG_ITEM = ("Lena wants to bake bread for the whole family on Sunday morning, so she checks the old recipe card, walks "
+             "to the market in Ashby for flour and butter, and then asks how many grams of flour twelve loaves need?")
+
+
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     shutil.copytree(EXAMPLES, tmp_path / "data", ignore=shutil.ignore_patterns("*.py"))
+    with open(tmp_path / "data" / "sft_eval.jsonl", "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": LONG_ITEM},
+                                         {"role": "assistant", "content": "6000 grams."}]}) + "\n")
     return tmp_path / "data"
 
 
@@ -95,8 +107,10 @@ def test_the_whole_pipeline_on_user_files_alone_then_edits_rerun_what_read_them(
     assert "eval/exact_match" in ppo and "eval/refusal_rate/harmful" not in ppo  # the answers column is checked
     assert not any(k.startswith("eval/exact_match") or "refusal" in k for k in runs["sft"].data.metrics), \
         "SFT on the user's data logged the built-in world's metrics"
-    assert not [k for k in runs["evaluate"].data.metrics if not k.startswith("system/")]
-    assert "no lm-eval tasks named" in r.stdout, "the report card does not say why evaluate has no results"
+    # with no lm-eval task named, the evaluate stage still has its yardstick: bits per byte on held-out text
+    assert {t.split("/")[2] for t in runs["evaluate"].data.metrics if t.startswith("lm_eval/")} == {"heldout_text"}
+    _check_report_card(c, parent, runs, r.stdout, tmp_path)
+    _check_same_corpus_as_uncompressed(c, runs["ingest"], data, tmp_path)
     # every external file is fingerprinted into its stage's cache key, and recorded on the run
     assert {"llm.external.sources.0", "llm.external.sources.1"} <= set(runs["ingest"].data.tags)
     assert {"llm.external.dataset", "llm.external.eval_dataset"} <= set(runs["reward"].data.tags)
@@ -107,13 +121,73 @@ def test_the_whole_pipeline_on_user_files_alone_then_edits_rerun_what_read_them(
     cli(tmp_path, "run", "--config", str(config))
     again = latest_pipeline(c, exp)
     reused = {s: again.data.tags[f"llm.reused.{s}"] == "true" for s in STAGES}
-    assert reused == {"ingest": True, "tokenizer": True, "pretrain": True, "sft": True, "reward": False, "ppo": False,
-                      "evaluate": False}, reused
+    assert reused == {"ingest": True, "contamination": False, "tokenizer": True, "pretrain": True, "sft": True,
+                      "reward": False, "ppo": False, "evaluate": False}, reused
 
-    # a corpus file edited in place: ingest computes again
-    edit_in_place(data / "corpus" / "kitchen-notes.txt", b"market", b"Market")
-    r = cli(tmp_path, "stage", "ingest", "--config", str(config))
-    assert "ran as run" in r.stdout and runs["ingest"].info.run_id not in r.stdout, r.stdout[-2000:]
+    assert "alias      champion" in r.stdout, "the clean run must pass the gates (only contamination can fail)"
+
+    # 30 words of a held-out item planted inside long pretraining documents: ingest and everything after it run
+    # again, the contamination check finds it, the card names it, and the model is only a `candidate`
+    passage = " ".join(LONG_ITEM.split()[3:33])
+    notes = data / "corpus" / "kitchen-notes.txt"
+    notes.write_text(notes.read_text() + "".join(f"\n\nNotes {i} from the kitchen. The market opens early. {passage} "
+                                                  f"The end of note {i}.\n" for i in range(5)))
+    r = cli(tmp_path, "run", "--config", str(config))
+    third = latest_pipeline(c, exp)
+    assert third.data.tags["llm.reused.ingest"] == "false"
+    found = c.get_run(third.data.tags["llm.stage_run.contamination"]).data.metrics
+    assert found["contamination/sft_eval/items"] == 1, found
+    assert "sft_eval 1 items" in r.stdout and "alias      candidate: contaminated: 1 sft_eval items" in r.stdout
+
+
+def _check_same_corpus_as_uncompressed(c: Any, ingest_run: Any, data: Path, tmp: Path) -> None:
+    """The pipeline's corpus, read from a .jsonl.gz beside the .txt, holds the documents, in the same order, that
+    ingesting the same files uncompressed gives."""
+    import gzip
+
+    from stages import corpus_reader, ingest
+    from stages.readers import FilesSource
+
+    plain = tmp / "plain"
+    plain.mkdir()
+    shutil.copy(data / "corpus" / "kitchen-notes.txt", plain / "kitchen-notes.txt")
+    (plain / "chat-logs.jsonl").write_bytes(gzip.decompress((data / "corpus" / "chat-logs.jsonl.gz").read_bytes()))
+    sources = [FilesSource(paths=[str(plain / "*.txt")]), FilesSource(paths=[str(plain / "*.jsonl")])]
+    expected = ingest.run(ingest.Config(sources=sources), None, tmp / "plain-ingest").outputs["corpus"]
+    got = Path(c.download_artifacts(ingest_run.info.run_id, "corpus", str(tmp / "pipeline-corpus")))
+    for split in ("train", "val"):
+        texts = [t for batch in corpus_reader.iter_texts(got, split) for t in batch]
+        assert texts == [t for batch in corpus_reader.iter_texts(expected, split) for t in batch], split
+        assert texts or split == "val"
+
+
+def _check_report_card(c: Any, parent: Any, runs: dict[str, Any], stdout: str, tmp: Path) -> None:
+    """On the user's data the card shows base -> SFT -> aligned bits per byte, the reward model, the win rate with
+    its judge and standard error, KL and answer length, and no built-in world metric; each number is the MLflow
+    metric it came from."""
+    import json
+
+    folder = Path(c.download_artifacts(parent.info.run_id, "report", str(tmp / "report")))
+    card = json.loads((folder / "report.json").read_text())
+    metrics = {s: {k: v for k, v in run.data.metrics.items()} for s, run in runs.items()}
+    models = {"base": "base", "SFT": "sft", "aligned": "aligned"}
+    assert set(card["heldout"]) == {"heldout/text_bpb", "heldout/response_bpb"}
+    for metric, entry in card["heldout"].items():
+        assert entry["values"] == {m: metrics["evaluate"][f"{metric}/{k}"] for m, k in models.items()}, metric
+        assert entry["se"] == {m: metrics["evaluate"][f"{metric}_se/{k}"] for m, k in models.items()}, metric
+    for model in ("base", "sft", "aligned"):
+        assert f"lm_eval/{model}/heldout_text/bits_per_byte" in metrics["evaluate"]
+    for key, v in card["reward_model"].items():
+        assert v == metrics["reward"][key], key
+    assert {"eval/pairwise_accuracy", "eval/pairwise_accuracy_se"} <= set(card["reward_model"])
+    for key, v in card["alignment"].items():
+        assert v == metrics["ppo"][key], key
+    assert {"eval/win_rate/reward_model", "eval/win_rate/reward_model_se", "eval/kl", "eval/response_tokens",
+            "eval/sft_response_tokens"} <= set(card["alignment"])
+    for stage, counts in card["data"].items():
+        assert counts == {k: metrics[stage][f"data/{k}"] for k in counts}, stage
+    assert card["models"] == {} and "refusal" not in stdout, "a built-in world metric on the user's data"
+    assert "win rate of aligned over SFT answers by the reward model" in stdout and "Bits per byte" in stdout
 
 
 def test_bad_inputs_fail_before_any_stage_all_named_at_once(tmp_path: Path, data: Path) -> None:

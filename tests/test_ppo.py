@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from posttrain_helpers import make_model, make_tasks, make_tokenizer
+from posttrain_helpers import make_model, make_reward_model, make_tasks, make_tokenizer
 
 from stages import ppo
 from stages.common import ListTracker, StageError
@@ -15,18 +14,11 @@ from stages.common import ListTracker, StageError
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import AutoModelForSequenceClassification
-
     root = tmp_path_factory.mktemp("ppo")
     tasks = make_tasks(root, n_train=32, n_eval=6)
     tok = make_tokenizer(root / "tok", tasks)
     make_model(root / "sft", tok, seed=0)
-    torch.manual_seed(1)
-    rm = AutoModelForSequenceClassification.from_pretrained(str(root / "sft"), num_labels=1)
-    rm.config.pad_token_id = tok.pad_token_id
-    rm.save_pretrained(str(root / "rm"))
-    for f in (root / "tok").iterdir():
-        shutil.copy2(f, root / "rm" / f.name)
+    make_reward_model(root / "rm", root / "sft", tok, seed=1)
     return root, tasks
 
 
@@ -45,10 +37,16 @@ def test_ppo_updates_the_policy_and_reports_eval_metrics(setup, tmp_path):
     tracker = ListTracker()
     cfg = ppo.Config(total_episodes=16, batch_size=8, num_mini_batches=2, num_ppo_epochs=1, response_length=6,
                      learning_rate=1e-3, max_new_tokens=6)
-    res = ppo.run(cfg, _inputs(root, tasks), tmp_path / "out", tracker)
+    # the reward model stands in for the judge too: the two win rates must then agree exactly
+    res = ppo.run(cfg, {**_inputs(root, tasks), "judge": root / "rm"}, tmp_path / "out", tracker)
     m = res.metrics
-    for key in ("eval/reward_mean", "eval/sft_reward_mean", "eval/kl", "eval/exact_match", "eval/sft_exact_match"):
+    for key in ("eval/reward_mean", "eval/sft_reward_mean", "eval/kl", "eval/kl_se", "eval/exact_match",
+                "eval/sft_exact_match", "eval/response_tokens", "eval/sft_cut_off_rate", "eval/distinct_2",
+                "eval/win_rate/reward_model_se"):
         assert key in m, key
+    assert m["eval/win_rate/judge"] == m["eval/win_rate/reward_model"]
+    assert 0 <= m["eval/cut_off_rate"] <= 1 and 0 <= m["eval/distinct_2"] <= 1
+    assert {"judge_before", "judge_after"} <= set(res.samples[0])
     assert m["eval/kl"] > 0, "the policy moved away from the reference"
     assert m["eval/reward_gain"] == pytest.approx(m["eval/reward_mean"] - m["eval/sft_reward_mean"], abs=1e-6)
     assert m["eval/reward_gain_se"] >= 0

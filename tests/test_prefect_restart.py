@@ -209,8 +209,6 @@ def test_up_restarts_a_server_that_dies_and_gives_up_on_one_that_keeps_dying(tmp
 
 def test_serve_that_loses_its_prefect_server_for_good_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What Prefect's runner raises when its poll loop gives up on an unreachable server becomes one message."""
-    import prefect
-
     api = f"http://127.0.0.1:{free_port()}/api"
     for k in deploy.CLIENT_VARS:
         monkeypatch.delenv(k, raising=False)
@@ -222,23 +220,23 @@ def test_serve_that_loses_its_prefect_server_for_good_says_so(tmp_path: Path, mo
         ExceptionGroup("unhandled errors in a TaskGroup", [RuntimeError("Service exceeded error threshold.")]),
     ])  # fmt: skip
 
-    def runner(*deployments: Any, **kwargs: Any) -> None:
+    def runner(*args: Any, **kwargs: Any) -> None:
         from prefect.settings import get_current_settings
 
         # More retries than Prefect's 5, passed on to the flow runs through the settings.
         assert get_current_settings().client.max_retries == deploy.CLIENT_MAX_RETRIES
         raise gave_up
 
-    monkeypatch.setattr(prefect, "serve", runner)
+    monkeypatch.setattr(deploy, "_run_until_stopped", runner)  # Prefect's runner, stopped on the first signal
     with pytest.raises(supervisor.ServerError) as e:
         deploy.serve(tmp_path, flows={}, parameters={}, out=io.StringIO())
     assert f"lost the Prefect server at {api}" in str(e.value)
     assert "RuntimeError: Service exceeded error threshold." in str(e.value)
     assert "start `llm-pipeline serve` again" in str(e.value)
 
-    def other(*deployments: Any, **kwargs: Any) -> None:
+    def other(*args: Any, **kwargs: Any) -> None:
         raise ExceptionGroup("unhandled errors in a TaskGroup", [ValueError("a bug, not the server")])
 
-    monkeypatch.setattr(prefect, "serve", other)
+    monkeypatch.setattr(deploy, "_run_until_stopped", other)
     with pytest.raises(ExceptionGroup):  # anything else is not dressed up as a lost server
         deploy.serve(tmp_path, flows={}, parameters={}, out=io.StringIO())

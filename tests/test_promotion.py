@@ -18,3 +18,14 @@ def test_promotion_gate_names_each_failed_gate() -> None:
     assert judge(good, 0.02, 0.5, planted, 0.01).alias == "champion", "below the tolerated share"
     dirty = judge(good, 0.02, 0.5, planted, 0.0)
     assert dirty.alias == "candidate" and dirty.failed == [dirty.failed[0]] and "1 heldout items" in dirty.failed[0]
+
+
+def test_the_held_out_judge_gates_on_any_data() -> None:
+    from flows.promotion import judge
+
+    generic = {"eval/kl": 0.04, "eval/win_rate/judge": 0.56, "eval/win_rate/judge_se": 0.03}
+    assert judge(generic, 0.02, 0.5, min_win_rate=0.5).alias == "champion", "no exact match: not a gate on it"
+    worse = judge({**generic, "eval/win_rate/judge": 0.40}, 0.02, 0.5, min_win_rate=0.5)
+    assert worse.alias == "candidate" and "held-out judge prefers the SFT" in worse.describe()
+    noisy = judge({**generic, "eval/win_rate/judge": 0.46}, 0.02, 0.5, min_win_rate=0.5)
+    assert noisy.alias == "champion", "within two standard errors of the bar"

@@ -56,6 +56,21 @@ def test_reward_model_trains_and_its_saved_scores_match_the_metrics(setup, tmp_p
     assert metrics["eval/reward_margin"] == pytest.approx(res.metrics["eval/reward_margin"], abs=1e-5)
 
 
+def test_a_judge_trains_on_held_out_pairs_only_and_accuracy_comes_with_its_error(setup, tmp_path):
+    root, tasks = setup
+    cfg = reward.Config(max_steps=2, batch_size=8, judge_min_pairs=10)
+    res = reward.run(cfg, {"model": root / "sft", "tasks": tasks}, tmp_path / "out")
+    m = res.metrics
+    assert (res.outputs["judge"] / "config.json").is_file() and res.outputs["judge"] != res.outputs["hf"]
+    held = len((tasks / "preferences_eval.jsonl").read_text().splitlines())
+    assert 0 < m["eval/judge/train_pairs"] < held and 0 <= m["eval/judge/pairwise_accuracy"] <= 1
+    assert m["eval/pairwise_accuracy_se"] > 0 and "eval/reward_margin_se" in m
+    assert {f"eval/pairwise_accuracy/margin_q{q}" for q in (1, 2, 3, 4)} <= set(m)
+    # too few held-out pairs: no judge, and nothing claims one
+    res = reward.run(reward.Config(max_steps=1, batch_size=8), {"model": root / "sft", "tasks": tasks}, tmp_path / "o2")
+    assert "judge" not in res.outputs and not any(k.startswith("eval/judge/") for k in res.metrics)
+
+
 def test_reward_training_separates_the_training_pairs(setup, tmp_path):
     """A few dozen steps make chosen outscore rejected on the pairs it trained on (the loss is doing its job)."""
     from transformers import AutoModelForSequenceClassification

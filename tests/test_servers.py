@@ -163,7 +163,7 @@ def test_pipeline_run_from_the_api_lands_in_mlflow(stack, deployments):
     parent = parents[0]
     children = ml.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     stages = {r.data.tags["llm.stage"]: r for r in children}
-    assert set(stages) == {"ingest", "tokenizer", "pretrain", "sft", "reward", "ppo", "evaluate"}
+    assert set(stages) == {"ingest", "contamination", "tokenizer", "pretrain", "sft", "reward", "ppo", "evaluate"}
     assert all(r.info.status == "FINISHED" for r in children)
     # The changed parameter reached the stage and its run.
     assert stages["pretrain"].data.params[key] == str(value)

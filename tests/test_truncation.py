@@ -5,11 +5,10 @@ and no stage stops on an example the policy can cut. Run: .venv/bin/pytest tests
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from posttrain_helpers import make_model, make_tasks, make_tokenizer
+from posttrain_helpers import make_model, make_reward_model, make_tasks, make_tokenizer
 
 from stages import ppo, reward, sft, truncation
 from stages.common import ListTracker
@@ -19,17 +18,11 @@ LONG = " ".join(f"the {i} red kite is on the hill" for i in range(60))  # severa
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, single_thread):
-    from transformers import AutoModelForSequenceClassification
-
     root = tmp_path_factory.mktemp("trunc")
     tasks = make_tasks(root, n_train=16, n_eval=4)
     tok = make_tokenizer(root / "tok", tasks)
     make_model(root / "base", tok, seed=0)  # context 256
-    rm = AutoModelForSequenceClassification.from_pretrained(str(root / "base"), num_labels=1)
-    rm.config.pad_token_id = tok.pad_token_id
-    rm.save_pretrained(str(root / "rm"))
-    for f in (root / "tok").iterdir():
-        shutil.copy2(f, root / "rm" / f.name)
+    make_reward_model(root / "rm", root / "base", tok)
     return root, tok
 
 

@@ -77,6 +77,9 @@ class TrainConfig:
     loss_chunk_tokens: int = _setting(4096, "Tokens per chunk of the fused loss.", ge=1)
     loss_kernel: Flag = _setting("auto", "The fused loss's softmax gradient in one Triton kernel (llm/kernels.py) "
                                  "instead of torch ops, true / false / auto: auto = on where Triton runs (CUDA).")
+    peak_flops: float | None = _setting(None, "Peak FLOP/s of one device, the denominator of MFU; empty = the "
+                                        "card's dense bf16 datasheet figure on CUDA, a measured fp32 matmul rate "
+                                        "on CPU.", gt=0)
     log_interval: int = _setting(1, "Report training metrics every N steps.", ge=1)
     progress: bool = _setting(True, "Show a progress bar (or log lines without tqdm) on rank 0.")
 

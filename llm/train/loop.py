@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from llm import distributed as D
-from llm.device import allow_tf32, autocast_for, peak_flops, resolve_device
+from llm.device import allow_tf32, autocast_for, cpu_matmul_flops, peak_flops, resolve_device
 from llm.loss import FusedLossLM, check_loss_kernel, supports_fused_loss
 from llm.optim import build_adamw, lr_at
 from llm.train import rng
@@ -71,6 +71,7 @@ class _Run:
     optimizer: torch.optim.Optimizer | None = None
     params: list[nn.Parameter] = field(default_factory=list)
     peak: float | None = None
+    peak_logged: bool = False  # train/peak_flops goes out once, with the first metrics after a start or resume
     fpt: float = 0.0  # training FLOPs per token
     amp: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
 
@@ -106,7 +107,8 @@ def train(
       model's config and parameter shapes and the batch geometry are always checked. A mismatch raises
       ResumeMismatch naming the field, before anything is written.
     on_step(step, metrics) / on_eval(step, metrics): called on rank 0 (train/loss, train/lr, train/grad_norm,
-      train/tokens_per_s, train/mfu on CUDA; val/loss, val/ppl, val/bpb).
+      train/tokens_per_s, train/mfu (against TrainConfig.peak_flops, a CUDA card's datasheet peak or
+      a CPU's measured matmul rate); val/loss, val/ppl, val/bpb).
     sample_fn(model) -> rows: generations from fixed prompts at each evaluation (rank 0; RNG state is preserved
       around it, so sampling never changes the training trajectory).
     """
@@ -207,7 +209,7 @@ def _build(run: _Run) -> None:
     use_compile = cfg.compile is True or (cfg.compile == "auto" and run.device.type == "cuda")
     run.fwd = torch.compile(run.model_dp) if use_compile else run.model_dp
     run.params = [p for p in raw_model.parameters() if p.requires_grad]
-    run.peak = peak_flops(run.device)
+    run.peak = cfg.peak_flops or peak_flops(run.device) or (cpu_matmul_flops() if run.device.type == "cpu" else None)
     run.fpt = float(flops_per_token(raw_model, cfg.seq_len))
     run.amp = autocast_for(run.device, cfg.precision)
 
@@ -344,6 +346,9 @@ def _report(run: _Run, loop: LoopState, rec: _Record, hooks: _Hooks, bar: Any, l
     if run.peak:
         metrics["train/mfu"] = run.fpt * run.tokens_per_step / dt / run.info.world_size / run.peak
     if hooks.on_step is not None and (loop.step % cfg.log_interval == 0 or loop.step == cfg.max_steps):
+        if run.peak and not run.peak_logged:  # what the MFU is measured against
+            metrics["train/peak_flops"] = run.peak
+            run.peak_logged = True
         hooks.on_step(loop.step, metrics)
     if bar is not None:
         bar.update(1)
