@@ -55,7 +55,10 @@ def _tree(paths: list[Path]) -> dict[str, str]:
 def hub_revision(name: str, revision: str | None = None) -> str | None:
     """The commit a hub dataset name (at `revision`, default its main branch) resolves to, or None when the hub
     cannot be asked (offline, unknown name)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    from stages.dataset_files import hub_reachable
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1" or not hub_reachable():
+        log.warning("Hugging Face dataset %s: the hub cannot be reached; its cache key holds the name only", name)
         return None
     try:
         from huggingface_hub import HfApi

@@ -9,10 +9,15 @@ dataset is streamed, not downloaded). What the rows mean is `stages.chat_data`'s
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import io
 import json
+import os
 import re
+import socket
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -126,8 +131,19 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     return reader(path)
 
 
+# `owner/name` or `name`, then an optional `:split` that may slice (`train[:5000]`): how a hub dataset is named.
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+(\[[0-9:%-]*\])?)?$")
+
+
+def is_hub_name(text: str) -> bool:
+    """A Hugging Face dataset name (with an optional split), not a local path: no such path exists, it does not
+    start like a path, and it names no data file."""
+    return (bool(_HUB_NAME.match(text)) and not text.startswith((".", "/", "~")) and not Path(text).exists()
+            and not text.endswith((*DATA_SUFFIXES, *COMPRESSION_SUFFIXES)))
+
+
 def _is_glob(text: str) -> bool:
-    return any(c in text for c in "*?[")
+    return not is_hub_name(text) and any(c in text for c in "*?[")
 
 
 def local_files(source: str) -> list[Path] | None:
@@ -189,18 +205,63 @@ def read_records(source: DatasetRef | str | Path, *, split: str = "train", limit
     return _read_hub(ref, split, limit)
 
 
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a connection (once per process): without it, hub datasets are read from
+    the local cache only, at once, instead of after the client's minute of retries per dataset."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((host.hostname or "huggingface.co", host.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hub_mode() -> Iterator[None]:
+    """Hub reads in this block use the local cache only when the hub cannot be reached. The libraries read their
+    offline switches once, at import, so the module-level flags are set along with the environment."""
+    keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    saved = {k: os.environ.get(k) for k in keys}
+    offline = not hub_reachable()
+    flags: list[tuple[Any, str, Any]] = []
+    if offline:
+        import datasets.config
+        import huggingface_hub.constants
+
+        os.environ.update({k: "1" for k in keys})
+        for module, name in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+                             (huggingface_hub.constants, "HF_HUB_OFFLINE")):
+            flags.append((module, name, getattr(module, name)))
+            setattr(module, name, True)
+    try:
+        yield
+    finally:
+        for module, name, value in flags:
+            setattr(module, name, value)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _read_hub(ref: DatasetRef, split: str, limit: int | None) -> list[dict[str, Any]]:
     name, name_split = hub_name_split(ref.path, split)
     try:
         import datasets
 
-        if limit is not None:  # a sample: streamed, so checking a large dataset costs no download
-            base = re.sub(r"\[.*\]$", "", name_split)
-            ds = datasets.load_dataset(name, split=base, streaming=True, revision=ref.revision)
-            return [dict(r) for _, r in zip(range(limit), ds, strict=False)]
-        return datasets.load_dataset(name, split=name_split, revision=ref.revision).to_list()
+        with hub_mode():
+            if limit is not None:  # a sample: streamed, so checking a large dataset costs no download
+                base = re.sub(r"\[.*\]$", "", name_split)
+                ds = datasets.load_dataset(name, split=base, streaming=True, revision=ref.revision)
+                return [dict(r) for _, r in zip(range(limit), ds, strict=False)]
+            return datasets.load_dataset(name, split=name_split, revision=ref.revision).to_list()
     except Exception as e:  # offline, unknown name, unknown split ... all user-fixable
+        where = "" if hub_reachable() else " The hub cannot be reached from this machine and it is not in the local cache."
         raise StageError(
-            f"could not load Hugging Face dataset {name!r} (split {name_split!r}): {e}. "
+            f"could not load Hugging Face dataset {name!r} (split {name_split!r}): {e}.{where} "
             "Check the name, or point the config at a local .jsonl/.parquet file."
         ) from e

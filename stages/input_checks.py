@@ -21,6 +21,7 @@ from typing import Any
 from stages.chat_data import NORMALISERS, DatasetRef, hub_name_split, local_files, read_records
 from stages.common import StageError
 from stages.compression import CorruptArchive, open_binary
+from stages.dataset_files import hub_mode, hub_reachable
 from stages.task_data import ROLES, hash_split
 
 HUB_SAMPLE = 32  # rows streamed from a hub dataset to check its shape
@@ -106,11 +107,13 @@ def _hub_config_sample(src: Any) -> list[dict]:
     try:
         import datasets
 
-        ds = datasets.load_dataset(src.name, src.config_name, split=src.split, streaming=True)
-        return [dict(r) for _, r in zip(range(1), ds, strict=False)]
+        with hub_mode():
+            ds = datasets.load_dataset(src.name, src.config_name, split=src.split, streaming=True)
+            return [dict(r) for _, r in zip(range(1), ds, strict=False)]
     except Exception as e:
+        where = "" if hub_reachable() else " (the hub cannot be reached from this machine, nor is it cached)"
         raise StageError(f"could not read Hugging Face dataset {src.name!r} ({src.config_name}, split {src.split!r}): "
-                         f"{e}; check the name or work from a local copy") from e
+                         f"{e}{where}; check the name or work from a local copy") from e
 
 
 # ----------------------------------------------------------------------------------------------- task data

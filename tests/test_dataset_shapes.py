@@ -148,3 +148,25 @@ def test_the_gpu_configs_public_datasets_read_offline_from_fixtures_of_their_sha
             assert check_task_data(stage, getattr(section, stage), builtin_tasks=False) == [], (name, stage)
             loaded = chat_data.LOADERS[{"sft": "chat", "reward": "preference", "ppo": "prompt"}[stage]](str(folder))
             assert len(loaded) == len(rows)
+
+
+def test_hub_names_with_sliced_splits_are_not_globs():
+    from stages.dataset_files import is_hub_name, local_files
+
+    for name in ("HuggingFaceH4/ultrachat_200k:train_sft[:50000]", "Anthropic/hh-rlhf:test[:1000]", "imdb",
+                 "trl-lib/ultrafeedback-prompt"):
+        assert is_hub_name(name) and local_files(name) is None, name
+    for path in ("data/*.jsonl", "part-[01].jsonl", "./chat", "chat.jsonl.gz", "examples/own-data/sft.jsonl"):
+        assert not is_hub_name(path), path
+
+
+def test_an_unreachable_hub_fails_at_once_naming_the_dataset(monkeypatch):
+    import time
+
+    from stages import dataset_files
+
+    monkeypatch.setattr(dataset_files, "hub_reachable", lambda timeout=3.0: False)
+    t0 = time.monotonic()
+    with pytest.raises(StageError, match=r"'someone/never-cached-prompts' .*cannot be reached"):
+        dataset_files.read_records("someone/never-cached-prompts:train[:10]", limit=4)
+    assert time.monotonic() - t0 < 20, "the client's retries were not skipped"
