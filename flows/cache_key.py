@@ -19,7 +19,6 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from flows.specs import StageSpec
-from llm.files import sha256_file
 
 _OWN_PACKAGES = ("stages", "llm")
 _LIBS = ("torch", "transformers", "trl", "peft", "tokenizers", "datasets", "pyarrow")
@@ -73,9 +72,28 @@ def _source_closure(modname: str) -> dict[str, str]:
     return {k: v for k, v in seen.items() if v}
 
 
+def _drop_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@cache
+def source_version(path: str) -> str:
+    """sha256 of what a source file computes: its syntax tree without docstrings, positions or comments (which the
+    parser drops), so a comment, docstring or formatting edit keeps the version and a changed statement does not."""
+    tree = _drop_docstrings(ast.parse(Path(path).read_text(), filename=path))
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
 def code_version(spec: StageSpec) -> str:
     """Hash of the code a stage's result depends on: its module, the project modules it imports (transitively),
-    and the versions of the libraries that compute it. Editing another stage's module does not change it."""
+    and the versions of the libraries that compute it. Editing another stage's module does not change it, nor
+    does a comment, docstring or formatting edit (`source_version`)."""
     files = _source_closure(spec.module)
     if not files:  # a module without a source file (built in memory, e.g. in tests): its name stands in
         files = {spec.module: ""}
@@ -83,7 +101,7 @@ def code_version(spec: StageSpec) -> str:
     for name, path in sorted(files.items()):
         h.update(name.encode() + b"\0")
         if path:
-            h.update(bytes.fromhex(sha256_file(path)))
+            h.update(bytes.fromhex(source_version(path)))
     for lib in _LIBS:
         try:
             h.update(f"{lib}=={importlib.metadata.version(lib)};".encode())
@@ -92,11 +110,27 @@ def code_version(spec: StageSpec) -> str:
     return h.hexdigest()[:16]
 
 
+def execution_fields(stage: str) -> frozenset[str]:
+    """The config fields a stage declares execution-only (`EXECUTION_FIELDS` in its module: how the work is spread,
+    never what it computes; each is tested to give byte-identical outputs), left out of its cache key."""
+    from flows.specs import STAGES
+
+    spec = next((s for s in STAGES if s.name == stage), None)
+    if spec is None:
+        return frozenset()
+    try:
+        return frozenset(getattr(spec.load(), "EXECUTION_FIELDS", ()))
+    except ImportError:
+        return frozenset()
+
+
 def cache_key(stage: str, cfg: BaseModel, input_hashes: Mapping[str, str], code: str,
               external: Mapping[str, str] | None = None) -> str:
-    """`external`: fingerprints of the files and datasets the config points at (flows.external)."""
+    """`external`: fingerprints of the files and datasets the config points at (flows.external). The stage's
+    execution-only fields are left out: changing them reuses a finished run."""
+    config = cfg.model_dump(mode="json", exclude=set(execution_fields(stage)) or None)
     blob = json.dumps(
-        {"stage": stage, "config": cfg.model_dump(mode="json"), "inputs": dict(input_hashes), "code": code,
+        {"stage": stage, "config": config, "inputs": dict(input_hashes), "code": code,
          "external": dict(external or {})},
         sort_keys=True,
         default=str,

@@ -139,6 +139,13 @@ def test_the_whole_pipeline_on_user_files_alone_then_edits_rerun_what_read_them(
     assert found["contamination/sft_eval/items"] == 1, found
     assert "sft_eval 1 items" in r.stdout and "alias      candidate: contaminated: 1 sft_eval items" in r.stdout
 
+    # an execution-only setting (how ingest spreads its work, not what it computes) reuses, through `stage` and `run`
+    r = cli(tmp_path, "stage", "ingest", "--config", str(config), "--set", "ingest.workers=2")
+    assert f"reused unchanged run {third.data.tags['llm.stage_run.ingest']}" in r.stdout, r.stdout[-2000:]
+    cli(tmp_path, "run", "--config", str(config), "--set", "ingest.workers=2")
+    fourth = latest_pipeline(c, exp)
+    assert all(fourth.data.tags[f"llm.reused.{s}"] == "true" for s in STAGES)
+
 
 def _check_same_corpus_as_uncompressed(c: Any, ingest_run: Any, data: Path, tmp: Path) -> None:
     """The pipeline's corpus, read from a .jsonl.gz beside the .txt, holds the documents, in the same order, that
