@@ -9,8 +9,15 @@ target ratio >= 0.5, and the peak memory (RSS high-water mark) of each; every in
 imports only the stage, so the peak is the stage's own. Streaming keeps that peak flat as the input grows: run it
 at --mb 256 and --mb 1024 (target: the compressed peaks within 20 % of each other).
 
+`--filters` (bench/ingest_filters.py): the stage with every quality filter and near-duplicate removal on against
+them off, on generated web-like text: throughput ratio and peak memory against `ingest.memory_budget_mb`.
+`--near-dup`: precision and recall of near-duplicate removal on planted near-copies.
+
     python -m bench.ingest [--quick] [--json] [--mb 64] [--repeats 3] [--workers 2] [--files 4]
     python -m bench.ingest --compressed [--json] [--mb 1024] [--repeats 2]
+    python -m bench.ingest --filters [--json] [--mb 1024] [--files 8] [--workers 2] [--memory-budget-mb 2048]
+                           [--only-near-dedup]
+    python -m bench.ingest --near-dup [--json] [--pages 20000] [--change 0.05 0.1 0.2]
 
 Prints MB/s of document text for each and the ratios; with --json the last line is one JSON object.
 """
@@ -36,6 +43,7 @@ import pyarrow.parquet as pq
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress bars would skew the timing
 
+from bench import ingest_filters
 from bench.common import add_repeat_args, alternate
 from stages import corpus, fanout, ingest
 
@@ -247,12 +255,25 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=4, help="input Parquet files (the fan-out's units)")
     ap.add_argument("--compressed", action="store_true", help="a .jsonl.gz corpus against the same .jsonl: "
                     "throughput ratio and peak memory (--mb defaults to 1024, --repeats to 2)")
+    ap.add_argument("--filters", action="store_true", help="every quality filter and near-dedup on against off, "
+                    "on generated web-like text (--mb defaults to 1024; --workers applies to the filtered run)")
+    ap.add_argument("--memory-budget-mb", type=int, default=2048, help="ingest.memory_budget_mb of --filters")
+    ap.add_argument("--only-near-dedup", action="store_true", help="--filters: turn on near-dedup only (the part "
+                    "whose state grows with the corpus), for a memory measurement at sizes the filters make slow")
+    ap.add_argument("--near-dup", action="store_true", help="near-duplicate removal's precision and recall")
+    ap.add_argument("--pages", type=int, default=None, help="--near-dup: unrelated pages (default 20000)")
+    ap.add_argument("--change", type=float, nargs="+", default=[0.05], help="--near-dup: shares of words changed")
     args = ap.parse_args()
-    if args.compressed:
-        result = compressed_main(args)
-        if args.json:
-            print(json.dumps(result))
-        return
+    modes = {"compressed": compressed_main, "filters": ingest_filters.filters_main,
+             "near_dup": ingest_filters.near_dup_main}
+    for name, fn in modes.items():
+        if getattr(args, name):
+            if name == "filters" and args.files == 4:
+                args.files = 8
+            result = fn(args)
+            if args.json:
+                print(json.dumps(result))
+            return
     mb = args.mb or (16 if args.quick else 64)
     repeats = args.repeats or (3 if args.quick else 5)
 

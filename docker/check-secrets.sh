@@ -67,6 +67,7 @@ check POSTGRES_PASSWORD 16
 check PREFECT_AUTH_STRING 16 user:password
 check MLFLOW_ADMIN_PASSWORD 16
 check MLFLOW_SECRET_KEY 24
+check MINIO_ROOT_PASSWORD 16
 
 if [ "$problems" -gt 0 ]; then
     echo "check-secrets: $file is not ready ($problems problem(s)); no service was started" >&2

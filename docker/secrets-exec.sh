@@ -6,7 +6,9 @@
 #   secrets-exec.sh postgres COMMAND...        POSTGRES_PASSWORD_FILE (the postgres image reads it at first start)
 #   secrets-exec.sh prefect-server COMMAND...  a Prefect profile: the database password, the API's auth string
 #   secrets-exec.sh mlflow COMMAND...          MLflow's auth config with the admin password, a libpq password file
-#   secrets-exec.sh client COMMAND...          a Prefect profile (auth string), ~/.mlflow/credentials (admin)
+#   secrets-exec.sh minio COMMAND...           MINIO_ROOT_USER_FILE / MINIO_ROOT_PASSWORD_FILE (MinIO reads them)
+#   secrets-exec.sh client COMMAND...          a Prefect profile (auth string), ~/.mlflow/credentials (admin),
+#                                              ~/.aws/credentials (MinIO, the artifact root's object store)
 #
 # Only shell built-ins touch the values. Flask's CSRF signing key (MLFLOW_SECRET_KEY) is the one value MLflow reads
 # from its environment only; it is set inside the container, not in compose.yaml.
@@ -28,6 +30,7 @@ value_of() { # KEY -> its value in $SECRETS; fails when missing (docker/check-se
 }
 
 private=$(mktemp -d "${TMPDIR:-/tmp}/llm-pipeline-secrets.XXXXXX")
+MINIO_USER=llm-pipeline  # MinIO's root user (not a secret; its password is)
 
 case $role in
     postgres)
@@ -53,9 +56,19 @@ case $role in
         export MLFLOW_AUTH_CONFIG_PATH="$private/auth.ini" PGPASSFILE="$private/pgpass"
         export MLFLOW_FLASK_SERVER_SECRET_KEY="$key"
         ;;
+    minio)
+        pw=$(value_of MINIO_ROOT_PASSWORD)
+        printf '%s' "$MINIO_USER" > "$private/minio_user"
+        printf '%s' "$pw" > "$private/minio_password"
+        export MINIO_ROOT_USER_FILE="$private/minio_user" MINIO_ROOT_PASSWORD_FILE="$private/minio_password"
+        ;;
     client)
         auth=$(value_of PREFECT_AUTH_STRING)
         admin=$(value_of MLFLOW_ADMIN_PASSWORD)
+        minio=$(value_of MINIO_ROOT_PASSWORD)
+        mkdir -p "$HOME/.aws"
+        printf '[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n' "$MINIO_USER" "$minio" \
+            > "$HOME/.aws/credentials"
         printf 'active = "secrets"\n\n[profiles.secrets]\nPREFECT_API_AUTH_STRING = "%s"\n' "$auth" \
             > "$private/profiles.toml"
         export PREFECT_PROFILES_PATH="$private/profiles.toml"
@@ -64,7 +77,7 @@ case $role in
             > "$HOME/.mlflow/credentials"
         ;;
     *)
-        echo "secrets-exec: unknown role '$role' (postgres, prefect-server, mlflow, client)" >&2
+        echo "secrets-exec: unknown role '$role' (postgres, prefect-server, mlflow, minio, client)" >&2
         exit 2
         ;;
 esac

@@ -5,6 +5,7 @@
     llm-pipeline stage NAME [--from-run RUN_ID | stage=RUN_ID ...] [--config FILE] [--set ...] [--force]
     llm-pipeline generate REF ... / export REF ...   (REF: a folder, an MLflow run id, or models:/name/version)
     llm-pipeline up / serve / deploy                   (local Prefect + MLflow servers, UI deployments, work pools)
+    llm-pipeline gc [--keep N] [--yes]                 (stored outputs nothing needs any more, flows.cleanup)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flows.cleanup import add_gc_command
 from flows.deploy import deploy, deployment_name, serve
 from flows.errors import LOG_DIR_ENV
 from flows.specs import DEBUG_ENV, DEFAULT_CONFIG, STAGES, default_config, stage_config
@@ -75,11 +77,17 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _check_environment(cfg: Any) -> None:
-    """Before any pipeline work: a writable work dir with room, and the Prefect server PREFECT_API_URL names."""
+    """Before any pipeline work: a writable work dir with room, a writable artifact root, and the Prefect server
+    PREFECT_API_URL names."""
     from flows.environment import check_prefect_api, check_work_dir
     from flows.temp_prefect import started_server
 
     check_work_dir(cfg.pipeline.work_dir, WORK_DIR_HINT)
+    from flows.artifacts import ROOT_ENV, open_store, root_url
+
+    if cfg.pipeline.artifact_root.strip() or os.environ.get(ROOT_ENV, "").strip():  # else in the work dir, checked
+        open_store(root_url(cfg.pipeline.artifact_root, cfg.pipeline.work_dir)).check(
+            f"pipeline.artifact_root, or {ROOT_ENV}")
     if started_server() is None:  # PREFECT_API_URL, when set, is the user's server, not a temporary one of ours
         check_prefect_api()
 
@@ -390,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stage)
     register_model_commands(sub, resolve_ref=resolve_ref)
     add_server_commands(sub)
+    add_gc_command(sub, _add_set, _load)
     return parser
 
 

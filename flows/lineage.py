@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flows.outputs import TAG_LOCATION, output_path, stored_problem
 from flows.paths import check_inside, check_run_id, safe_artifact_path
-from flows.specs import StageSpec
+from flows.specs import DEFAULT_CACHE_GB, StageSpec
 from flows.tracking import Tracking, call_with_retry, is_transient
 from llm.files import atomic_dir, sha256_tree
 from stages.common import StageError
@@ -36,6 +37,7 @@ class InputRef:
     run_id: str
     artifact: str
     sha256: str
+    uri: str = ""  # where the output is stored (its run's location), for the MLflow dataset's source
 
 
 def get_run(tracking: Tracking, run_id: str) -> Any:
@@ -109,10 +111,13 @@ def _stored_files(tracking: Tracking, run_id: str, artifact: str) -> dict[str, i
 
 
 def artifact_problem(tracking: Tracking, run: Any) -> str | None:
-    """What is wrong with a finished run's stored outputs (missing, or not the file count and bytes it recorded),
-    or None. Costs one listing per folder; contents are checked against the sha256 when a stage downloads them.
-    Runs from before the counts were recorded are only checked for presence."""
+    """What is wrong with a finished run's stored outputs, or None. A run that records a location under the
+    artifact root is checked there (`flows.outputs.stored_problem`). Runs from before the artifact root kept their
+    outputs in MLflow's artifact store: listed there and compared with the file count and bytes they recorded
+    (contents are checked against the sha256 when a stage downloads them); the oldest only for presence."""
     tags = run.data.tags
+    if tags.get(TAG_LOCATION):
+        return stored_problem(tracking, run)
     for out in [o for o in tags.get(TAG_OUTPUTS, "").split(",") if o]:
         art = tags.get(f"llm.output.{out}.artifact", "")
         try:
@@ -213,19 +218,28 @@ def input_refs(spec: StageSpec, runs: Mapping[str, Any]) -> list[InputRef]:
                 f"stage '{spec.name}' needs output '{output}' of the '{stage}' run {run.info.run_id}, which did "
                 f"not record it (its outputs: {tags.get(TAG_OUTPUTS, 'none')})"
             )
-        refs.append(InputRef(name, stage, run.info.run_id, safe_artifact_path(art, f"output '{output}'"), sha))
+        art = safe_artifact_path(art, f"output '{output}'")
+        uri = f"{tags[TAG_LOCATION]}/{art}" if tags.get(TAG_LOCATION) else ""
+        refs.append(InputRef(name, stage, run.info.run_id, art, sha, uri))
     return refs
 
 
 def fetch_artifact(tracking: Tracking, run_id: str, artifact: str, sha256: str, work_dir: Path,
-                   manifest: Mapping[str, str] | None = None, what: str | None = None) -> Path:
-    """Local copy of a run's artifact under work_dir/inputs, downloaded once and checked against its sha256.
+                   manifest: Mapping[str, str] | None = None, what: str | None = None,
+                   cache_gb: float = DEFAULT_CACHE_GB) -> Path:
+    """A verified local path of a run's output, checked against its sha256 before it is returned.
 
-    A local copy that no longer matches is fetched again. With `manifest` (relative path -> sha256 of each file, as
-    a registered model version records it), a download that does not match names the files that differ; `what`
-    names the artifact in messages (default: the artifact and its run)."""
+    A run that records a location under the artifact root is read from there: in place on a local root, through
+    the bounded cache in `work_dir` from an object store (`flows.outputs.output_path`). Older runs kept their
+    outputs in MLflow's artifact store: downloaded once into work_dir/inputs, and a local copy that no longer
+    matches is fetched again. With `manifest` (relative path -> sha256 of each file, as a registered model version
+    records it), files that do not match are named; `what` names the artifact in messages (default: the artifact
+    and its run)."""
     check_run_id(run_id)
     artifact = safe_artifact_path(artifact)
+    run = get_run(tracking, run_id)
+    if run.data.tags.get(TAG_LOCATION):
+        return output_path(tracking, run, artifact, sha256, work_dir, manifest, what, int(cache_gb * 1e9))
     what = what or f"artifact {artifact} of run {run_id}"
     root = work_dir / "inputs" / run_id
     local = root / artifact
@@ -274,6 +288,16 @@ def fetch_artifact(tracking: Tracking, run_id: str, artifact: str, sha256: str, 
     return local
 
 
+def run_output(tracking: Tracking, run_id: str, name: str, work_dir: Path) -> Path:
+    """A verified local path of output `name` of a stage run (by the name its `llm.outputs` tag lists), wherever it
+    is stored; see `fetch_artifact`."""
+    tags = get_run(tracking, run_id).data.tags
+    art, sha = tags.get(f"llm.output.{name}.artifact"), tags.get(f"llm.output.{name}.sha256")
+    if not art or not sha:
+        raise StageError(f"run {run_id} recorded no output '{name}' (its outputs: {tags.get(TAG_OUTPUTS) or 'none'})")
+    return fetch_artifact(tracking, run_id, art, sha, work_dir)
+
+
 def _manifest_problems(folder: Path, manifest: Mapping[str, str] | None) -> list[str]:
     if not manifest:
         return []
@@ -305,7 +329,8 @@ def log_inputs(tracking: Tracking, run_id: str, refs: Sequence[InputRef], local:
             name=f"{ref.stage}.{ref.name}",
             digest=ref.sha256[:16],
             source_type="mlflow_run_artifact",
-            source=json.dumps({"run_id": ref.run_id, "artifact_path": ref.artifact}),
+            source=json.dumps({"run_id": ref.run_id, "artifact_path": ref.artifact,
+                               **({"uri": ref.uri} if ref.uri else {})}),
             profile=json.dumps(profile) if profile else None,
         )
         datasets.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", ref.name)]))

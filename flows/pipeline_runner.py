@@ -15,15 +15,18 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from flows.lineage import TAG_PIPELINE, fetch_artifact
+from flows.artifacts import link_identical
+from flows.lineage import TAG_PIPELINE, fetch_artifact, get_run
+from flows.local_copies import pinned_inputs
 from flows.locks import file_lock
+from flows.outputs import stored_files
 from flows.pools import run_via_deployment
 from flows.prefect_ui import pipeline_summary_markdown, publish_pipeline_summary, record_cached_stage
 from flows.preflight import check_after_tokenizer, check_inputs
 from flows.promotion import TAG_PROMOTION, Verdict, judge, promote
-from flows.registry import TAG_MODEL_FILES, manifest_json
+from flows.registry import TAG_MODEL_FILES, files_manifest, manifest_text
 from flows.report import publish_report
-from flows.specs import STAGES, PipelineSection, StageSpec, stage_config
+from flows.specs import DEFAULT_CACHE_GB, STAGES, PipelineSection, StageSpec, stage_config
 from flows.stage_runner import StageOutcome, find_reusable, flatten
 from flows.tracking import Tracking, call_with_retry, experiment_link, run_link, setup_tracking
 
@@ -61,6 +64,7 @@ def register_final_model(
     parent_run_id: str,
     final: StageOutcome,
     work_dir: Path,
+    cache_gb: float = DEFAULT_CACHE_GB,
 ) -> tuple[str, bool]:
     """Register the final stage's `hf` folder as a new version of `name` unless one with the same content exists.
 
@@ -74,7 +78,8 @@ def register_final_model(
         raise RuntimeError(f"the {final.stage} run {final.run_id} recorded no '{FINAL_OUTPUT}' output to register")
     if (version := _existing_version(tracking, name, final, sha)) is not None:
         return version, False
-    local = fetch_artifact(tracking, final.run_id, art, sha, work_dir)
+    local = fetch_artifact(tracking, final.run_id, art, sha, work_dir, cache_gb=cache_gb)
+    files = stored_files(tracking, get_run(tracking, final.run_id), FINAL_OUTPUT) or files_manifest(local)
 
     def log_model() -> Any:
         # In-memory components, not the folder path: MLflow 3.17's local-checkpoint path breaks on transformers 5.
@@ -102,13 +107,14 @@ def register_final_model(
         )
 
     info = call_with_retry(log_model, "log model", 300)
+    _share_model_files(tracking, info, local, files)
     # Register with the dedupe tags in the same call, so a crash cannot leave an untagged (duplicable) version.
     mv = call_with_retry(
         lambda: mlflow.register_model(
             info.model_uri,
             name,
             tags={TAG_MODEL_FROM: final.run_id, TAG_MODEL_SHA: sha, "llm.pipeline_run": parent_run_id,
-                  TAG_MODEL_FILES: manifest_json(local)},  # what `generate`/`export` verify (flows.registry)
+                  TAG_MODEL_FILES: manifest_text(files)},  # what `generate`/`export` verify (flows.registry)
         ),
         "register model",
         300,
@@ -118,6 +124,28 @@ def register_final_model(
         name, version, description=f"Aligned policy from {final.stage} run {final.run_id}, pipeline run {parent_run_id}."
     )
     return version, True
+
+
+def _share_model_files(tracking: Tracking, info: Any, local: Path, files: Mapping[str, str]) -> None:
+    """MLflow keeps its own copy of a logged model (the registry UI and `models:/` URIs read it). When that copy is
+    a folder on the disk of the stored output, its files that are byte for byte the output's become hard links to
+    them, so the model is stored once; on an object store or behind an MLflow server the copy stays a copy."""
+    from urllib.parse import unquote, urlparse
+
+    try:
+        location = tracking.client.get_logged_model(info.model_id).artifact_location
+    except Exception as e:  # a view of where MLflow put it: never fail the registration over it
+        log.debug("no logged model location (%s)", e)
+        return
+    if not str(location).startswith("file://") or not local.is_dir():
+        return
+    try:
+        saved = link_identical(Path(unquote(urlparse(location).path)), {sha: local / rel for rel, sha in files.items()})
+    except OSError as e:  # another file system, or one without hard links: the copy stays
+        log.info("MLflow's copy of the registered model stays a copy (%s)", e)
+        return
+    if saved:
+        log.info("MLflow's copy of the registered model shares %.1f MB with the stored output %s", saved / 1e6, local)
 
 
 def _metrics(stage: str, metrics: Mapping[str, float]) -> list[Any]:
@@ -178,7 +206,8 @@ def _check_fit(cfg: BaseModel, outcomes: Sequence[StageOutcome], tracking: Track
         o = by.get(stage)
         if o is None or not o.outputs.get(output):
             return None
-        return fetch_artifact(tracking, o.run_id, o.outputs[output], o.output_hashes[output], work_dir)
+        return fetch_artifact(tracking, o.run_id, o.outputs[output], o.output_hashes[output], work_dir,
+                              cache_gb=cfg.pipeline.artifact_cache_gb)
 
     tok_dir = local("tokenizer", "tokenizer")
     # (pipelines of other stages, as in tests, have no chat tokenizer to check with)
@@ -209,7 +238,8 @@ def _run_under(
             # two pipelines ending at once would each find no version holding this model and both register one
             with file_lock(work_dir / "locks" / f"register-{section.registered_model}.lock",
                            f"model {section.registered_model} to be registered"):
-                version, created = register_final_model(tracking, section.registered_model, pid, final, work_dir)
+                version, created = register_final_model(tracking, section.registered_model, pid, final, work_dir,
+                                                        section.artifact_cache_gb)
                 ingest = next((o.metrics for o in outcomes if o.stage == "contamination"), {})
                 verdict = judge(final.metrics, section.promotion_max_exact_match_drop, section.promotion_max_kl,
                                 ingest, section.promotion_max_contamination, section.promotion_min_win_rate)
@@ -246,7 +276,8 @@ def run_pipeline(
     )
     pid = parent.info.run_id
     log.info("pipeline: MLflow run %s (%s)", pid, run_link(tracking, pid) or tracking.ui_hint())
-    outcomes, version, created, verdict = _run_under(cfg, stage_flows, specs, force, tracking, pid)
+    with pinned_inputs():  # cached outputs read for the checks and the registration stay until the run ends
+        outcomes, version, created, verdict = _run_under(cfg, stage_flows, specs, force, tracking, pid)
     publish_pipeline_summary(pipeline_summary_markdown(
         outcomes, section.registered_model, version, created, parent_run_id=pid, parent_link=run_link(tracking, pid),
         experiment_link=experiment_link(tracking), experiment=tracking.experiment_name, ui_hint=tracking.ui_hint(),

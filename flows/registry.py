@@ -4,19 +4,20 @@ A version registered by the pipeline carries, as tags, the stage run whose `hf` 
 (`llm.stage_run`), that folder's content hash (`llm.model_sha256`) and its sha256 manifest, one hash per file
 (`llm.files_sha256`). `generate` and `export` on `models:/NAME/VERSION` or `models:/NAME@ALIAS` fetch that output
 and check every file against the manifest before loading anything: a file altered in the artifact store is refused
-by name, and a local cached copy that does not match is fetched again. A tag value is never used as a local path:
-the run tag must be a run id and the artifact path a relative path inside the run.
+by name, and a local cached copy that does not match is fetched again. A version's tag value is never used as a
+local path: the run tag must be a run id and the artifact path a relative path inside the run; that run's recorded
+location must be its own (`<root>/<stage>/<run id>`, `flows.outputs`) and list the same files and hashes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from flows.artifacts import tree_sha
 from flows.lineage import fetch_artifact, get_run
 from flows.paths import check_run_id, safe_artifact_path
 from flows.tracking import Tracking
@@ -37,17 +38,17 @@ def files_manifest(folder: Path) -> dict[str, str]:
 
 def manifest_json(folder: Path) -> str:
     """The manifest as the compact JSON tag value registration records."""
-    return json.dumps(files_manifest(folder), sort_keys=True, separators=(",", ":"))
+    return manifest_text(files_manifest(folder))
+
+
+def manifest_text(files: Mapping[str, str]) -> str:
+    """A manifest (relative path -> sha256) as the compact JSON tag value registration records."""
+    return json.dumps(dict(files), sort_keys=True, separators=(",", ":"))
 
 
 def manifest_tree_sha(manifest: Mapping[str, str]) -> str:
     """The `llm.files.sha256_tree` hash of a folder with these files (same order, same bytes hashed)."""
-    h = hashlib.sha256()
-    for rel in sorted(manifest, key=lambda r: PurePosixPath(r).parts):
-        h.update(rel.encode())
-        h.update(b"\0")
-        h.update(manifest[rel].encode())
-    return h.hexdigest()
+    return tree_sha(manifest, single=False)
 
 
 def parse_manifest(text: str, where: str) -> dict[str, str]:

@@ -94,6 +94,15 @@ def _not_computed(by: Mapping[str, Mapping[str, float]], stages: Sequence[dict[s
     return lines
 
 
+def _corpus_counts(ingest: Mapping[str, float] | None) -> dict[str, Any]:
+    """What ingest read, kept and removed, by rule (length filters, exact and near duplicates, each quality rule)."""
+    if not ingest or "records_read" not in ingest:
+        return {}
+    removed = {k.removeprefix("dropped/"): v for k, v in ingest.items() if k.startswith("dropped/") and v}
+    nbytes = {k.removeprefix("dropped_bytes/"): v for k, v in ingest.items() if k.startswith("dropped_bytes/") and v}
+    return {"read": ingest["records_read"], "kept": ingest.get("rows", 0), "removed": removed, "removed_bytes": nbytes}
+
+
 def build_report(tracking: Tracking, outcomes: Sequence[StageOutcome], pipeline_run_id: str,
                  model: str | None, promotion: str | None, price_per_device_hour: float = 0.0) -> dict[str, Any]:
     """The card as data: one entry per stage, what each step bought (base -> SFT -> aligned), the reward model and
@@ -117,6 +126,7 @@ def build_report(tracking: Tracking, outcomes: Sequence[StageOutcome], pipeline_
     data = {st: {k: by[st][f"data/{k}"] for k in ("truncated", "dropped") if f"data/{k}" in by[st]}
             for st in ("sft", "reward", "ppo") if st in by and "data/truncated" in by[st]}
     return {"pipeline_run_id": pipeline_run_id, "registered_model": model, "promotion": promotion,
+            "corpus": _corpus_counts(by.get("ingest")),
             "price_per_device_hour": price_per_device_hour, "stages": stages, "models": deltas, "heldout": heldout,
             "reward_model": {k: by["reward"][k] for k in REWARD_MODEL if k in by.get("reward", {})},
             "alignment": {k: by["ppo"][k] for k in ALIGNMENT if k in by.get("ppo", {})}, "data": data,

@@ -89,11 +89,23 @@ def _reward_and_alignment(card: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _corpus_line(c: Mapping[str, Any]) -> str:
+    """Ingest's counts in one line, the rules that removed most first, with the text they removed where counted."""
+    parts = []
+    for rule, n in sorted(c["removed"].items(), key=lambda kv: (-kv[1], kv[0])):
+        size = c.get("removed_bytes", {}).get(rule)
+        parts.append(f"{rule} {n:.0f}" + (f" ({size / 1e6:.3g} MB)" if size else ""))
+    removed = "; removed: " + ", ".join(parts) if parts else ""
+    return f"Corpus: {c['read']:.0f} records read, {c['kept']:.0f} documents kept{removed}."
+
+
 def render_markdown(card: Mapping[str, Any], curves: Sequence[str] = ()) -> str:
     lines = [f"## Report card: pipeline run `{card['pipeline_run_id']}`", ""]
     if card.get("registered_model"):
         lines += [f"Registered model `{card['registered_model']}`: {card.get('promotion') or 'no promotion gate'}.", ""]
     lines += _stage_rows(card)
+    if card.get("corpus"):
+        lines += ["", _corpus_line(card["corpus"])]
     if card.get("data"):
         parts = [f"{st} {v.get('truncated', 0):.0f} cut, {v.get('dropped', 0):.0f} dropped" for st, v in card["data"].items()]
         lines += ["", f"Examples longer than the context (prompt cut from the left, answer kept): {'; '.join(parts)}."]

@@ -82,6 +82,7 @@ def stage_config(cfg: Any, name: str) -> Any:
 
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+DEFAULT_CACHE_GB = 50.0
 
 
 class PipelineSection(BaseModel):
@@ -93,9 +94,18 @@ class PipelineSection(BaseModel):
     work_dir: str = Field(
         ".llm-pipeline",
         min_length=1,
-        description="Local working directory: stage outputs, downloaded inputs, and (when MLFLOW_TRACKING_URI "
-        "is unset) the embedded MLflow store mlflow.db + mlartifacts/.",
+        description="Local working directory: the stages' scratch folders, the artifact root unless "
+        "artifact_root names another, the cache of outputs read from an object store, and (when "
+        "MLFLOW_TRACKING_URI is unset) the embedded MLflow store mlflow.db + mlartifacts/.",
     )
+    artifact_root: str = Field(
+        "", description="Where stage outputs are stored, once, each run in its own `<root>/<stage>/<run id>/`: a "
+        "local folder or an fsspec URL (s3://bucket/prefix, gs://...; credentials and endpoint from the "
+        "environment, e.g. AWS_* and AWS_ENDPOINT_URL_S3). Empty: LLM_PIPELINE_ARTIFACT_ROOT if set, else "
+        "`<work_dir>/artifacts`. Machines that run stages of one pipeline must all reach it.")
+    artifact_cache_gb: float = Field(
+        DEFAULT_CACHE_GB, gt=0, description="Bound of the local cache (`<work_dir>/cache/`) of outputs read from "
+        "an object store; least recently used outputs are removed beyond it, never those a running stage reads.")
     registered_model: str = Field(
         "llm-pipeline-assistant",
         description="MLflow model registry name under which the final aligned (PPO) policy is registered.",

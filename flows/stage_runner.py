@@ -5,9 +5,12 @@ What `run_stage` does, in order:
 2. computes the cache key = hash(stage config, upstream output content hashes, code version); a finished run
    with that key whose outputs are still whole in the artifact store (`flows.lineage.find_cached`) is reused
    unless `force`,
-3. downloads the upstream artifacts (verified against their recorded sha256) into the work dir,
+3. resolves the upstream outputs to verified local paths (in place under a local artifact root, through the
+   bounded cache from an object store; `flows.outputs`),
 4. opens an MLflow child run tagged `llm.stage=<name>`, logs params, inputs, lineage and system metrics,
-5. calls `stages.<name>.run(cfg, inputs, out_dir, tracker)`, then logs metrics, artifacts, samples and plots.
+5. calls `stages.<name>.run(cfg, inputs, out_dir, tracker)` in a scratch folder of the work dir, then logs metrics,
+   samples and plots, stores the outputs once at the run's own location under the artifact root and records that
+   location and their sha256 manifest in the run; the scratch folder goes once the run has FINISHED.
 `flows.stage_flow` wraps it in a Prefect flow (retries of transient errors, Prefect artifacts).
 """
 
@@ -39,10 +42,10 @@ from flows.lineage import (
     input_refs,
     log_inputs,
     resolve_upstream,
-    size_tags,
-    tree_size,
 )
+from flows.local_copies import pinned_inputs
 from flows.locks import stage_lock
+from flows.outputs import output_tags, store_outputs
 from flows.paths import SAFE_NAME, check_inside, check_run_id
 from flows.specs import PipelineSection, StageSpec
 from flows.tracking import (
@@ -54,7 +57,6 @@ from flows.tracking import (
     run_links,
     setup_tracking,
 )
-from llm.files import sha256_tree
 from stages.common import StageError, StageResult
 
 log = logging.getLogger(__name__)
@@ -155,21 +157,12 @@ def check_outputs(result: StageResult, out_dir: Path, stage: str) -> dict[str, P
         if path.is_dir():  # a symlink inside an output must not smuggle files from outside into the artifact store
             for f in path.rglob("*"):
                 check_inside(f, out_dir, f"file {f.relative_to(path)} of stage '{stage}' output '{name}'")
+        for other, p in outs.items():  # each output is stored (moved) on its own
+            if path.is_relative_to(p) or p.is_relative_to(path):
+                raise StageError(f"stage '{stage}' outputs '{other}' ({p}) and '{name}' ({path}) overlap; each "
+                                 "output must be its own file or folder")
         outs[name] = path
     return outs
-
-
-def log_outputs(tracking: Tracking, run_id: str, outs: Mapping[str, Path], deadline_s: float) -> dict[str, str]:
-    """Upload each output under its name; returns output name -> artifact path in the run."""
-    client = tracking.client
-    arts: dict[str, str] = {}
-    for name, path in outs.items():
-        if path.is_dir():
-            upload, arts[name] = client.log_artifacts, name
-        else:
-            upload, arts[name] = client.log_artifact, f"{name}/{path.name}"
-        call_with_retry(lambda u=upload, p=path, n=name: u(run_id, str(p), n), f"upload {name}", deadline_s)
-    return arts
 
 
 def _start_system_metrics(tracking: Tracking, run_id: str) -> Any | None:
@@ -223,6 +216,7 @@ class _NewRun:
     pipeline: PipelineSection
     out_dir: Path
     tracker: MlflowTracker
+    work_dir: Path
     monitor: Any = None
 
     def stop_monitor(self) -> None:
@@ -273,7 +267,8 @@ def _log_start(nr: _NewRun, cfg: BaseModel, refs: Sequence[InputRef], local: Map
 
 
 def _record_result(nr: _NewRun, result: StageResult) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
-    """Log the finished stage's metrics, outputs, samples and plots, then mark the run FINISHED."""
+    """Log the finished stage's metrics, samples and plots, store its outputs once under the artifact root with
+    their manifest (`flows.outputs.store_outputs`), then mark the run FINISHED."""
     from mlflow.entities import RunTag
 
     client, run_id, wait_s = nr.tracking.client, nr.run_id, nr.pipeline.tracking_wait_s
@@ -282,22 +277,18 @@ def _record_result(nr: _NewRun, result: StageResult) -> tuple[dict[str, float], 
     if metrics:
         nr.tracker.log_metrics(metrics)
     nr.tracker.close(timeout=wait_s, hold=True)  # the held spill file marks the run alive until it has ended
-    hashes = {n: sha256_tree(p) for n, p in outs.items()}
-    sizes = {n: tree_size(p) for n, p in outs.items()}
-    arts = log_outputs(nr.tracking, run_id, outs, wait_s)
     if result.samples:
         import pandas as pd
 
         frame = pd.DataFrame([{k: _jsonable(v) for k, v in row.items()} for row in result.samples])
         call_with_retry(lambda: client.log_table(run_id, frame, "samples.json"), "log samples", 60)
-    for pname, ppath in result.plots.items():
+    for pname, ppath in result.plots.items():  # before the outputs move: a plot may lie inside one
         p = check_inside(Path(ppath), nr.out_dir, f"plot {pname}")
         call_with_retry(lambda p=p: client.log_artifact(run_id, str(p), "plots"), "upload plot", 60)
-    out_tags = {TAG_OUTPUTS: ",".join(sorted(arts))}
-    for n in arts:
-        out_tags[f"llm.output.{n}.artifact"] = arts[n]
-        out_tags[f"llm.output.{n}.sha256"] = hashes[n]
-        out_tags.update(size_tags(n, *sizes[n]))
+    section = nr.pipeline
+    record = store_outputs(nr.tracking, run_id, nr.stage, outs, section.artifact_root, nr.work_dir,
+                           int(section.artifact_cache_gb * 1e9), wait_s)
+    out_tags = output_tags(record)
 
     def finish() -> None:
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in out_tags.items()])
@@ -306,7 +297,10 @@ def _record_result(nr: _NewRun, result: StageResult) -> tuple[dict[str, float], 
     nr.stop_monitor()
     call_with_retry(finish, "finish run", wait_s)
     nr.tracker.release()
-    return metrics, arts, hashes
+    # what is left in the scratch folder (training checkpoints to resume from) served this run only: a later run
+    # with the same key reuses this one, and a forced or damaged-output rerun starts from an empty folder anyway
+    shutil.rmtree(nr.out_dir, ignore_errors=True)
+    return metrics, {n: o.artifact for n, o in record.outputs.items()}, {n: o.sha256 for n, o in record.outputs.items()}
 
 
 def _mark_failed(nr: _NewRun, e: BaseException) -> None:
@@ -359,8 +353,9 @@ def run_stage(
             if not force:
                 found = find_reusable(spec, cfg, tracking, from_run=from_run, upstream=upstream)
             if found.hit is None or force:
-                out = _execute(spec, module, cfg, pipeline, tracking, work_dir, found, parent_run_id,
-                               force=force, retrying=retrying)
+                with pinned_inputs():  # cached inputs this stage reads stay until it ends
+                    out = _execute(spec, module, cfg, pipeline, tracking, work_dir, found, parent_run_id,
+                                   force=force, retrying=retrying)
                 out.wall_s = time.monotonic() - t0
                 return out
     hit = found.hit
@@ -375,7 +370,8 @@ def _execute(
 ) -> StageOutcome:  # fmt: skip
     """Run the stage under a new MLflow run (the cache missed or `force`)."""
     runs, refs, key = found.runs, found.refs, found.key
-    local = {r.name: fetch_artifact(tracking, r.run_id, r.artifact, r.sha256, work_dir) for r in refs}
+    local = {r.name: fetch_artifact(tracking, r.run_id, r.artifact, r.sha256, work_dir,
+                                    cache_gb=pipeline.artifact_cache_gb) for r in refs}
     out_dir = work_dir / "stages" / spec.name / key[:16]
     check_inside(out_dir, work_dir, "stage output folder")
     if force and not retrying and out_dir.exists():
@@ -388,7 +384,7 @@ def _execute(
         log.warning("could not replay spilled metrics yet: %s", e)
     run_id = _create_run(tracking, spec, cfg, key, runs, refs, parent_run_id, found.external)
     tracker = MlflowTracker(tracking.client, run_id, spill_path=work_dir / "tracking" / f"{run_id}.jsonl")
-    nr = _NewRun(tracking, run_id, spec.name, pipeline, out_dir, tracker)
+    nr = _NewRun(tracking, run_id, spec.name, pipeline, out_dir, tracker, work_dir)
     try:
         _log_start(nr, cfg, refs, local)
         log.info("stage %s: running in MLflow run %s (out_dir %s)", spec.name, run_id, out_dir)

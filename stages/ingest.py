@@ -6,7 +6,8 @@ Sources (any mix, read in order, streamed so a corpus never has to fit in memory
 * `hf`: a Hugging Face dataset by name (streaming) or a local dataset folder.
 
 Cleaning per document: newline normalisation, Unicode normalisation (NFC by default), control characters
-removed, length filters, exact dedup by content hash, a train/val split by the same hash (stable when the
+removed, length filters, FineWeb's quality filters (`ingest.quality`, off by default), exact dedup by content hash,
+near-duplicate removal (`ingest.near_dedup`, off by default), a train/val split by the content hash (stable when the
 corpus grows). Bad records (invalid UTF-8, malformed JSON, a missing text field, an unreadable or corrupt file)
 are counted and listed in `quarantine.jsonl`; more than `max_bad_fraction` of them fails the stage with the
 first offending file and line. Output folders are built under a temporary name and renamed when complete, so
@@ -14,7 +15,8 @@ a killed run leaves nothing under the final name, and a rerun with the same inpu
 (byte-identical shards either way).
 
 This module is the flow of work; reading the sources is `stages.readers`, cleaning `stages.cleaning`, writing the
-shards `stages.shard_writer`, and reading a finished corpus `stages.corpus_reader`.
+shards `stages.shard_writer`, the quality filters and near-duplicate removal `stages.ingest_quality`, and reading a
+finished corpus `stages.corpus_reader`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +39,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from stages import corpus, fanout, reuse
+from stages import corpus, fanout, ingest_quality, quality, reuse
 from stages.cleaning import clean_batch
 from stages.common import (
     NullTracker,
@@ -52,6 +53,9 @@ from stages.common import (
     write_json,
 )
 from stages.corpus_reader import FORMAT, MANIFEST
+from stages.ingest_quality import Cleaned, Counts, Staging, filter_batch
+from stages.near_dedup import NearDedupConfig
+from stages.quality import QualityConfig
 from stages.readers import (
     Bad,
     Batch,
@@ -62,7 +66,6 @@ from stages.readers import (
     Unit,
     expand_paths,
     prefetch,
-    read_sources,
     read_unit,
     split_units,
 )
@@ -108,36 +111,35 @@ class Config(BaseModel):
     dask_address: str | None = Field(None, description="Scheduler of an existing Dask cluster (tcp://HOST:PORT) to "
                                      "read and clean on instead of a local cluster; its workers need this project "
                                      "installed and the input files at the same paths.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="FineWeb's quality filters (datatrove: "
+                                   "Gopher repetition and quality, C4 lines, FineWeb lines; lingua language ID), "
+                                   "each switchable; applied to the sources whose `filters` is not false (the "
+                                   "builtin source only with filters: true).")
+    near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig, description="Near-duplicate removal across "
+                                        "the same sources (MinHash + LSH over word n-grams, state on disk).")
+    removed_samples: int = Field(3, ge=0, description="Removed documents kept per rule as examples (the rule, the "
+                                 "source, the start of the text) in the run's samples table.")
+    memory_budget_mb: int = Field(2048, ge=256, description="Memory the near-duplicate matching may use: larger "
+                                  "index files are sorted in key ranges that fit a quarter of it. Exact dedup keeps "
+                                  "about 100 bytes per document in memory besides.")
+
+    @model_validator(mode="after")
+    def _known_languages(self) -> Config:
+        if self.quality.enabled and self.quality.language.enabled:
+            quality.check_languages(self.quality.language.languages)
+        return self
 
 
 # How the work is spread, not what it computes: kept out of the corpus key and the manifest, so a corpus built
 # with any number of workers is the same bytes and reused whatever the setting.
-EXECUTION_FIELDS = {"workers", "dask_address"}
+EXECUTION_FIELDS = {"workers", "dask_address", "memory_budget_mb"}
 
 
-class _Counts:
-    def __init__(self) -> None:
-        self.dropped: Counter[str] = Counter()
-        self.total = self.bad = self.kept = self.kept_bytes = 0
-        self.first_bad: list[str] = []
+def _clean(batch: Batch, cfg: Config, source_index: int = 0) -> Cleaned:
+    """Clean, length-filter, quality-filter and hash one batch of `cfg.sources[source_index]`; depends on nothing
+    outside it, so any process can do it.
 
-
-@dataclass
-class _Cleaned:
-    """One batch after cleaning and the length filters, hashed: what the order-independent work yields."""
-
-    texts: pa.Array  # string
-    digests: list[bytes]  # 16 bytes of sha256 per text
-    sizes: np.ndarray  # UTF-8 bytes per text
-    source: str
-    read: int  # records in the batch before the filters
-    dropped: Counter[str]
-
-
-def _clean(batch: Batch, cfg: Config) -> _Cleaned:
-    """Clean, length-filter and hash one batch; depends on nothing outside it, so any process can do it.
-
-    Everything but the hash is vectorised in Arrow/numpy."""
+    Cleaning and the length filters are vectorised in Arrow/numpy; the quality filters are datatrove's."""
     arr = clean_batch(batch.texts, cfg.normalization)
     lengths = pc.utf8_length(arr).to_numpy(zero_copy_only=False)
     empty, too_long = lengths == 0, lengths > cfg.max_chars
@@ -146,33 +148,40 @@ def _clean(batch: Batch, cfg: Config) -> _Cleaned:
     keep = ~(empty | too_short | too_long)
     if not keep.all():
         arr = arr.filter(pa.array(keep))
+    arr, extra = filter_batch(arr, batch.source, cfg.sources[source_index], cfg.quality, cfg.near_dedup,
+                              cfg.removed_samples)
+    dropped.update(extra.pop("dropped"))
     sha = hashlib.sha256
     digests = [sha(data).digest()[:16] for data in arr.cast(pa.binary()).to_pylist()]
     sizes = pc.binary_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    return _Cleaned(arr, digests, sizes, batch.source, len(batch.texts), dropped)
+    return Cleaned(arr, digests, sizes, batch.source, len(batch.texts), dropped, source_index, **extra)
 
 
-def _clean_unit(unit: Unit, cfg: Config) -> list[Bad | _Cleaned]:
+def _clean_unit(unit: tuple[int, Unit], cfg: Config) -> list[Bad | Cleaned]:
     """A whole unit (a file, or a non-file source) read and cleaned, in order: the work a fan-out worker does."""
-    return [item if isinstance(item, Bad) else _clean(item, cfg) for item in read_unit(unit, cfg.max_chars)]
+    index, u = unit
+    return [item if isinstance(item, Bad) else _clean(item, cfg, index) for item in read_unit(u, cfg.max_chars)]
 
 
-def _keep(c: _Cleaned, cfg: Config, seen: set[bytes], writers: SplitWriters, counts: _Counts,
-          samples: list[dict[str, Any]]) -> None:
-    """Dedup and split one cleaned batch and hand the survivors to the split's writer: the part that depends on
-    every earlier document, so it runs in one process, in the order of the sources."""
+def _dedup_exact(c: Cleaned, cfg: Config, seen: set[bytes], counts: Counts) -> None:
+    """Drop the documents of `c` seen before (by content hash): it depends on every earlier document, so it runs in
+    one process, in the order of the sources."""
+    if not cfg.dedup:
+        return
+    take = np.ones(len(c.digests), dtype=bool)
+    for i, d in enumerate(c.digests):
+        if d in seen:
+            take[i] = False
+        else:
+            seen.add(d)
+    if not take.all():
+        counts.dropped["duplicate"] += int((~take).sum())
+        c.take(take)
+
+
+def _keep(c: Cleaned, cfg: Config, writers: SplitWriters, counts: Counts, samples: list[dict[str, Any]]) -> None:
+    """Split one deduplicated batch and hand it to the split's writers, in the order of the sources."""
     arr, digests, sizes = c.texts, c.digests, c.sizes
-    if cfg.dedup:
-        take = np.ones(len(digests), dtype=bool)
-        for i, d in enumerate(digests):
-            if d in seen:
-                take[i] = False
-            else:
-                seen.add(d)
-        if not take.all():
-            counts.dropped["duplicate"] += int((~take).sum())
-            digests = [d for d, t in zip(digests, take, strict=True) if t]
-            arr, sizes = arr.filter(pa.array(take)), sizes[take]
     if not digests:
         return
     joined = b"".join(digests)
@@ -184,57 +193,76 @@ def _keep(c: _Cleaned, cfg: Config, seen: set[bytes], writers: SplitWriters, cou
         if mask.any():
             m = pa.array(mask)
             writers[split].add(arr.filter(m), ids.filter(m), sizes[mask], c.source)
-    counts.kept += len(digests)
-    counts.kept_bytes += int(sizes.sum())
+    counts.add_kept(c.source_index, len(digests), int(sizes.sum()))
     if len(samples) < 5:
         for i in np.flatnonzero(~split_val)[: 5 - len(samples)]:
             samples.append({"id": ids[int(i)].as_py(), "source": c.source, "text": arr[int(i)].as_py()[:300]})
 
 
-def _cleaned_items(cfg: Config, stack: contextlib.ExitStack) -> Iterator[Bad | _Cleaned]:
+def _cleaned_items(cfg: Config, stack: contextlib.ExitStack) -> Iterator[Bad | Cleaned]:
     """Every record of the sources, cleaned, in source order: in this process (`workers: 1`), or a unit per
     worker through `stages.fanout` (the same items in the same order, so the same bytes come out)."""
+    units = [(i, u) for i, src in enumerate(cfg.sources) for u in split_units([src])]
     if cfg.workers == 1 and not cfg.dask_address:
-        return (item if isinstance(item, Bad) else _clean(item, cfg)
-                for item in prefetch(read_sources(cfg.sources, cfg.max_chars)))
-    units = split_units(cfg.sources)
+        read = ((i, item) for i, u in units for item in read_unit(u, cfg.max_chars))
+        return (item if isinstance(item, Bad) else _clean(item, cfg, i) for i, item in prefetch(read))
     mapper = stack.enter_context(fanout.open_mapper(cfg.workers, cfg.dask_address, "ingest"))
-    results = mapper.map(functools.partial(_clean_unit, cfg=cfg), units, [u.label for u in units])
+    results = mapper.map(functools.partial(_clean_unit, cfg=cfg), units, [u.label for _, u in units])
     return itertools.chain.from_iterable(results)
 
 
-def _read_all(cfg: Config, out: Path, writers: SplitWriters, tracker: Tracker) -> tuple[_Counts, list[dict]]:
-    """Stream every source through cleaning into the writers; bad records go to `quarantine.jsonl`."""
-    counts = _Counts()
+def _near_dedup_on(cfg: Config) -> bool:
+    return cfg.near_dedup.enabled and any(ingest_quality.takes_part(s) for s in cfg.sources)
+
+
+def _bad(item: Bad, counts: Counts, quarantine: Any) -> None:
+    counts.total += 1
+    counts.dropped[item.reason] += 1
+    if item.reason == "too_long":  # a length filter, not a broken record
+        return
+    counts.bad += 1
+    if len(counts.first_bad) < 5:
+        counts.first_bad.append(f"{item.where}: {item.reason}")
+    quarantine.write(json.dumps({"where": item.where, "reason": item.reason}) + "\n")
+
+
+def _read_all(cfg: Config, out: Path, writers: SplitWriters, tracker: Tracker) -> tuple[Counts, list[dict]]:
+    """Stream every source through cleaning into the writers; bad records go to `quarantine.jsonl`. With
+    near-duplicate removal the deduplicated batches are staged first and written once the index is matched."""
+    counts = Counts(cfg.removed_samples)
     seen: set[bytes] = set()
     samples: list[dict[str, Any]] = []
     next_log = 1_000_000
     with (contextlib.ExitStack() as stack,
           open(out / "quarantine.jsonl", "w", encoding="utf-8") as quarantine,
           tqdm(desc="ingest", unit=" docs", mininterval=1.0) as pbar):
+        staging = None
+        if _near_dedup_on(cfg):
+            staging = Staging(out.parent, cfg.near_dedup, cfg.memory_budget_mb << 20)
+            stack.callback(staging.close)
         for item in _cleaned_items(cfg, stack):
             if isinstance(item, Bad):
-                counts.total += 1
-                counts.dropped[item.reason] += 1
-                if item.reason == "too_long":  # a length filter, not a broken record
-                    continue
-                counts.bad += 1
-                if len(counts.first_bad) < 5:
-                    counts.first_bad.append(f"{item.where}: {item.reason}")
-                quarantine.write(json.dumps({"where": item.where, "reason": item.reason}) + "\n")
+                _bad(item, counts, quarantine)
                 continue
-            counts.total += item.read
-            counts.dropped.update(item.dropped)
+            counts.add_batch(item)
             pbar.update(item.read)
-            _keep(item, cfg, seen, writers, counts, samples)
+            _dedup_exact(item, cfg, seen, counts)
+            if staging is not None:
+                staging.add(item)
+            else:
+                _keep(item, cfg, writers, counts, samples)
             if counts.total >= next_log:
                 tracker.log_metrics({"ingest/rows": counts.kept, "ingest/mb": counts.kept_bytes / 1e6},
                                     step=counts.total)
                 next_log += 1_000_000
+        if staging is not None:
+            for c in staging.replay(counts):
+                _keep(c, cfg, writers, counts, samples)
+    counts.warn_heavy_filtering(cfg.sources)
     return counts, samples
 
 
-def _check_counts(cfg: Config, counts: _Counts) -> dict[str, int]:
+def _check_counts(cfg: Config, counts: Counts) -> dict[str, int]:
     """The dropped-record counts, once the share of bad records and the kept corpus are known to be acceptable."""
     dropped = dict(sorted((k, v) for k, v in counts.dropped.items() if v))
     if counts.total and counts.bad / counts.total > cfg.max_bad_fraction:
@@ -246,7 +274,8 @@ def _check_counts(cfg: Config, counts: _Counts) -> dict[str, int]:
     if counts.kept == 0:
         raise StageError(
             f"the corpus is empty: {counts.total} records read, none kept (dropped: {dropped}); check "
-            f"ingest.sources and the length filters (min_chars/max_chars)."
+            f"ingest.sources, the length filters (min_chars/max_chars) and, if on, ingest.quality and "
+            f"ingest.near_dedup (filters: false on a source exempts it)."
         )
     return dropped
 
@@ -269,8 +298,20 @@ def _write_corpus(cfg: Config, out: Path, key: str, tracker: Tracker) -> dict:
         "samples": samples,
         "config": cfg.model_dump(mode="json", exclude=EXECUTION_FIELDS),
     }
+    if _filtering(cfg):
+        manifest["quality"] = {
+            "dropped_bytes": dict(sorted((k, v) for k, v in counts.dropped_bytes.items() if v)),
+            "lines_removed": dict(sorted((k, v) for k, v in counts.lines_removed.items() if v)),
+            "by_source": dict(sorted((k, v) for k, v in counts.by_source.items() if v)),
+            "near_dedup": counts.near_pairs,
+            "removed_samples": counts.removed_rows(),
+        }
     write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _filtering(cfg: Config) -> bool:
+    return (cfg.quality.enabled or cfg.near_dedup.enabled) and any(ingest_quality.takes_part(s) for s in cfg.sources)
 
 
 # ------------------------------------------------------------------------------------------------ reusing work
@@ -321,7 +362,8 @@ def _corpus(cfg: Config, key: str, out_dir: Path, tracker: Tracker) -> StageResu
         return done
     with stop_when_disk_full(corpus_dir), atomic_dir(corpus_dir) as tmp:
         manifest = _write_corpus(cfg, tmp, key, tracker)
-    result = StageResult(outputs=outputs, metrics=_metrics(manifest), samples=manifest["samples"])
+    removed = manifest.get("quality", {}).get("removed_samples", [])
+    result = StageResult(outputs=outputs, metrics=_metrics(manifest), samples=manifest["samples"] + removed)
     reuse.mark_finished(out_dir, key, result, record=CORPUS_RECORD)
     return result
 
@@ -348,6 +390,11 @@ def _metrics(manifest: dict) -> dict[str, float]:
         "bad_records": manifest["bad_records"],
     }
     m.update({f"dropped/{k}": v for k, v in manifest["dropped"].items()})
+    q = manifest.get("quality", {})
+    m.update({f"dropped_bytes/{k}": v for k, v in q.get("dropped_bytes", {}).items()})
+    m.update({f"lines_removed/{k}": v for k, v in q.get("lines_removed", {}).items()})
+    m.update({f"by_source/{k}": v for k, v in q.get("by_source", {}).items()})
+    m.update({f"near_dedup/{k}": v for k, v in q.get("near_dedup", {}).items()})
     return m
 
 
@@ -355,7 +402,8 @@ def run(cfg: Config, inputs: dict[str, Path] | None, out_dir: Path, tracker: Tra
     """Ingest the configured sources into `out_dir/corpus` (and `out_dir/tasks` for the built-in source)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale(out_dir, ("corpus", "tasks", "contamination"))  # (contamination: written here by earlier versions)
+    # (contamination: written here by earlier versions; near_dedup: the staging folder of a killed run)
+    remove_stale(out_dir, ("corpus", "tasks", "contamination", "near_dedup"))
     key = _corpus_key(cfg)  # also fails fast on paths that match nothing
     builtin = [s for s in cfg.sources if isinstance(s, BuiltinSource)]
     if len(builtin) > 1:

@@ -38,6 +38,9 @@ class BuiltinSource(BaseModel):
     tasks: bool = Field(True, description="Write the built-in task data, which the post-training stages use for "
                         "every dataset left empty (false: only its stories).")
     seed: int = Field(0, description="Seed of the generator; the same seed gives byte-identical data.")
+    filters: bool | None = Field(None, description="Apply ingest.quality and ingest.near_dedup (when enabled) to the "
+                                 "built-in stories; unset: no (short templated stories would trip the length and "
+                                 "duplicate rules).")
     n_documents: int = Field(12000, ge=1, description="Pretraining documents (~250 bytes each; 12000 is ~3 MB).")
     n_sft: int = Field(4000, ge=1, description="SFT chat examples (sft.jsonl), besides those unknown_share adds.")
     n_pref: int = Field(2000, ge=1, description="Preference pairs for the reward model (preferences.jsonl).")
@@ -72,6 +75,8 @@ class FilesSource(BaseModel):
     txt_unit: Literal["file", "paragraph", "line"] = Field(
         "paragraph", description="What one document is in a .txt file: the whole file, a blank-line-separated "
         "paragraph, or a line.")
+    filters: bool | None = Field(None, description="Apply ingest.quality and ingest.near_dedup (when enabled) to this "
+                                 "source; unset: yes. Set false for text the filters do not suit (chat logs, notes).")
 
 
 class HFSource(BaseModel):
@@ -83,6 +88,8 @@ class HFSource(BaseModel):
     text_field: str = Field("text", description="Column holding the document text.")
     streaming: bool = Field(True, description="Stream rows instead of downloading the whole dataset first.")
     max_rows: int | None = Field(None, ge=1, description="Stop after this many rows (None: all).")
+    filters: bool | None = Field(None, description="Apply ingest.quality and ingest.near_dedup (when enabled) to this "
+                                 "dataset; unset: yes.")
 
 
 Source = Annotated[BuiltinSource | FilesSource | HFSource, Field(discriminator="type")]
@@ -412,12 +419,6 @@ def read_unit(unit: Unit, max_chars: int) -> Iterator[Item]:
         yield from _read_file(src, unit.path, max_bytes)
     else:
         yield from _read_hf(src)
-
-
-def read_sources(sources: list[Source], max_chars: int) -> Iterator[Item]:
-    """Every source's records in order: `Batch`es of good raw texts and `Bad` records."""
-    for unit in split_units(sources):
-        yield from read_unit(unit, max_chars)
 
 
 def prefetch(items: Iterator[Item], depth: int = 4) -> Iterator[Item]:

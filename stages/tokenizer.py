@@ -2,13 +2,17 @@
 
 The tokenizer is trained on the train split, streamed from the Parquet shards (capped at `train_max_bytes`).
 Then both splits are encoded in batches (the Rust side of `tokenizers` uses every core), EOS after each
-document, into flat uint16/uint32 shards (llm/data.py documents the format and reads them). Each output folder
+document, into flat uint16/uint32 shards (llm/data.py documents the format and reads them). With `workers` > 1 (or
+`dask_address`) each Parquet row group of the corpus is encoded on a Dask worker process (`stages.fanout`, as ingest
+fans out) and the results are written here in corpus order, so the token shards are the same bytes as with one. Each output folder
 is built under a temporary name and renamed when complete; a rerun with the same corpus and config reuses them
 (`stages.reuse`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +21,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from llm import data as token_data
 from llm.tokenizer import SPECIAL_TOKENS, Tokenizer, save_dir, train_bpe
-from stages import common, reuse
+from stages import common, fanout, reuse
 from stages.common import NullTracker, StageError, StageResult, Tracker, atomic_dir, require_path, sha256_tree
 from stages.corpus_reader import MANIFEST, iter_texts, read_manifest
 
@@ -37,6 +42,17 @@ class Config(BaseModel):
                                  "the train split (the start of it, in shard order).")
     shard_max_tokens: int = Field(1 << 27, ge=1024, description="Tokens per token shard file.")
     encode_batch_docs: int = Field(2048, ge=1, description="Documents per encode_batch call (parallel inside).")
+    workers: int = Field(1, ge=1, description="Processes that encode the corpus, a Parquet row group each at a time, "
+                         "on a local Dask cluster (under Prefect: its Dask task runner); the shards are written here "
+                         "in order, so they are byte-identical to 1, which encodes in this process without Dask. "
+                         "encode_batch already uses every core of one machine.")
+    dask_address: str | None = Field(None, description="Scheduler of an existing Dask cluster (tcp://HOST:PORT) to "
+                                     "encode on; its workers need this project installed and the corpus and the "
+                                     "new tokenizer at the same paths (a shared file system).")
+
+
+# How the work is spread, not what it computes: kept out of the reuse key.
+EXECUTION_FIELDS = {"workers", "dask_address"}
 
 
 def train_texts(corpus_dir: Path, manifest: dict, max_bytes: int) -> Iterator[list[str]]:
@@ -70,7 +86,7 @@ def _outputs_intact(tok_dir: Path, tokens_dir: Path, key: str) -> bool:
 
 def encode_split(tok: Tokenizer, corpus_dir: Path, manifest: dict, split: str, writer: token_data.ShardWriter,
                   cfg: Config, pbar: tqdm) -> dict[str, float]:
-    """Encode one split; the next batch is read from Parquet while the current one is being encoded."""
+    """Encode one split in this process; the next batch is read from Parquet while the current one is encoded."""
     eos = np.array([tok.eos_id], dtype=writer.dtype)
     n_tokens = n_docs = n_bytes = 0
     batches = iter_texts(corpus_dir, split, manifest, batch_size=cfg.encode_batch_docs, arrow=True)
@@ -90,16 +106,56 @@ def encode_split(tok: Tokenizer, corpus_dir: Path, manifest: dict, split: str, w
             "bytes_per_token": n_bytes / n_tokens if n_tokens else 0.0}
 
 
-def _write(encoded: list[list[int]], eos: np.ndarray, writer: token_data.ShardWriter) -> int:
+def _flat(encoded: list[list[int]], eos: int, dtype: np.dtype) -> np.ndarray:
+    """The documents' token ids end to end, EOS after each."""
     lengths = np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
-    flat = np.empty(int(lengths.sum()), dtype=writer.dtype)
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
     pos = 0
     for ids, n in zip(encoded, lengths, strict=True):
         flat[pos : pos + n - 1] = ids
-        flat[pos + n - 1] = eos[0]
+        flat[pos + n - 1] = eos
         pos += n
+    return flat
+
+
+def _write(encoded: list[list[int]], eos: np.ndarray, writer: token_data.ShardWriter) -> int:
+    flat = _flat(encoded, int(eos[0]), writer.dtype)
     writer.add(flat)
     return flat.size
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_tokenizer(tok_dir: str) -> Tokenizer:
+    return Tokenizer.from_dir(tok_dir)
+
+
+def _encode_unit(unit: tuple[str, int], tok_dir: str, dtype: str, batch_docs: int) -> tuple[np.ndarray, int, int]:
+    """One row group of a corpus shard encoded (the work a fan-out worker does): (tokens, documents, text bytes).
+    Each document is encoded on its own, so how the corpus is cut into units does not change a token."""
+    tok = _worker_tokenizer(tok_dir)
+    texts = pq.ParquetFile(unit[0]).read_row_group(unit[1], columns=["text"]).column(0)
+    parts, n_bytes = [], 0
+    for start in range(0, len(texts), batch_docs):
+        arr = texts.slice(start, batch_docs)
+        n_bytes += pc.sum(pc.binary_length(arr)).as_py() or 0
+        parts.append(_flat(tok.encode_batch(arr.to_pylist()), tok.eos_id, np.dtype(dtype)))
+    return (np.concatenate(parts) if parts else np.empty(0, np.dtype(dtype))), len(texts), n_bytes
+
+
+def encode_split_fanout(mapper: fanout.Mapper, tok_dir: Path, corpus_dir: Path, manifest: dict, split: str,
+                        writer: token_data.ShardWriter, cfg: Config, pbar: tqdm) -> dict[str, float]:
+    """Encode one split a row group per worker; results come back in corpus order and are written here."""
+    units = [(str(corpus_dir / s["file"]), rg) for s in manifest["shards"] if s["split"] == split
+             for rg in range(pq.ParquetFile(corpus_dir / s["file"]).num_row_groups)]
+    fn = functools.partial(_encode_unit, tok_dir=str(tok_dir), dtype=writer.dtype.name,
+                           batch_docs=cfg.encode_batch_docs)
+    n_tokens = n_docs = n_bytes = 0
+    for tokens, docs, size in mapper.map(fn, units, [f"{Path(f).stem}-rg{rg}" for f, rg in units]):
+        writer.add(tokens)
+        n_tokens, n_docs, n_bytes = n_tokens + tokens.size, n_docs + docs, n_bytes + size
+        pbar.update(docs)
+    return {"tokens": n_tokens, "documents": n_docs, "text_bytes": n_bytes,
+            "bytes_per_token": n_bytes / n_tokens if n_tokens else 0.0}
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
@@ -114,7 +170,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     out_dir.mkdir(parents=True, exist_ok=True)
     common.remove_stale(out_dir, ("tokenizer", "tokens"))
     # The corpus manifest carries every shard's sha256, so hashing it stands for hashing the corpus.
-    key = reuse.work_key(cfg, inputs={"corpus": corpus_dir / MANIFEST}, extra={"format": token_data.FORMAT})
+    key = reuse.work_key(cfg, inputs={"corpus": corpus_dir / MANIFEST}, extra={"format": token_data.FORMAT},
+                         exclude=EXECUTION_FIELDS)
     tok_dir, tokens_dir = out_dir / "tokenizer", out_dir / "tokens"
     outputs = {"tokenizer": tok_dir, "tokens": tokens_dir}
 
@@ -143,10 +200,13 @@ def _build(cfg: Config, corpus_dir: Path, manifest: dict, tok_dir: Path, tokens_
     # leaves a new tokenizer next to old tokens.
     total_docs = sum(manifest["rows"].values())
     with (
+        contextlib.ExitStack() as stack,
         atomic_dir(tok_dir) as tok_tmp,
         atomic_dir(tokens_dir) as tmp,
         tqdm(total=total_docs, desc="encode", unit=" docs", mininterval=1.0) as pbar,
     ):
+        mapper = (stack.enter_context(fanout.open_mapper(cfg.workers, cfg.dask_address, "tokenizer"))
+                  if cfg.workers > 1 or cfg.dask_address else None)
         save_dir(hf, tok_tmp)
         tok = Tokenizer.from_dir(tok_tmp)
         tok_sha = sha256_tree(tok_tmp)
@@ -157,7 +217,9 @@ def _build(cfg: Config, corpus_dir: Path, manifest: dict, tok_dir: Path, tokens_
         for split in ("train", "val"):
             writer = token_data.ShardWriter(tmp, split, dtype, cfg.shard_max_tokens)
             try:
-                splits[split] = encode_split(tok, corpus_dir, manifest, split, writer, cfg, pbar)
+                splits[split] = (encode_split(tok, corpus_dir, manifest, split, writer, cfg, pbar) if mapper is None
+                                 else encode_split_fanout(mapper, tok_tmp, corpus_dir, manifest, split, writer, cfg,
+                                                          pbar))
             except BaseException:
                 writer.abort()
                 raise

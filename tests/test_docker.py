@@ -178,7 +178,8 @@ def test_worker_runs_serve_against_the_servers(compose):
 
 
 SECRETS_EXEC = "/opt/llm-pipeline/secrets-exec.sh"
-SECRET_KEYS = ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY")
+SECRET_KEYS = ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY",
+               "MINIO_ROOT_PASSWORD")
 
 
 def _depends_on(services: dict, name: str) -> set[str]:
@@ -295,9 +296,9 @@ def test_secrets_exec_hands_each_service_its_secrets_in_private_files(tmp_path):
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     show_env = "import json, os; print(json.dumps(dict(os.environ)))"
-    for role in ("postgres", "prefect-server", "mlflow", "client"):
+    for role in ("postgres", "prefect-server", "mlflow", "minio", "client"):
         seen = run(role, show_env)
-        for k in ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD"):
+        for k in ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD", "MINIO_ROOT_PASSWORD"):
             assert not [n for n, v in seen.items() if values[k] in v], f"{role}: {k} in the environment"
     pg = run("postgres", "import json, os; p = os.environ['POSTGRES_PASSWORD_FILE']; "
                          "print(json.dumps([open(p).read(), oct(os.stat(p).st_mode & 0o777)]))")
@@ -317,6 +318,16 @@ def test_secrets_exec_hands_each_service_its_secrets_in_private_files(tmp_path):
                            "print(json.dumps([s().api.auth_string.get_secret_value(), *c()]))")
     assert client == [values["PREFECT_AUTH_STRING"], "admin", values["MLFLOW_ADMIN_PASSWORD"]]
     assert (home / ".mlflow" / "credentials").stat().st_mode & 0o077 == 0
+    # MinIO reads its root credentials from the files MINIO_ROOT_*_FILE name; the clients' S3 library (botocore,
+    # under s3fs) reads the same credentials from ~/.aws/credentials
+    minio = run("minio", "import json, os; print(json.dumps([open(os.environ[k]).read() for k in "
+                         "('MINIO_ROOT_USER_FILE', 'MINIO_ROOT_PASSWORD_FILE')] + [oct(os.stat(os.environ["
+                         "'MINIO_ROOT_PASSWORD_FILE']).st_mode & 0o777)]))")
+    assert minio == ["llm-pipeline", values["MINIO_ROOT_PASSWORD"], "0o600"]
+    s3 = run("client", "import json, botocore.session as b; c = b.Session().get_credentials(); "
+                       "print(json.dumps([c.access_key, c.secret_key]))")
+    assert s3 == ["llm-pipeline", values["MINIO_ROOT_PASSWORD"]]
+    assert (home / ".aws" / "credentials").stat().st_mode & 0o077 == 0
 
 
 def test_postgres_has_a_database_per_server(compose):
@@ -340,7 +351,8 @@ def test_no_long_running_service_runs_as_root(compose):
         for dep, cond in (svc.get("depends_on") or {}).items()
         if cond.get("condition") == "service_completed_successfully"
     }
-    assert one_shot == {"volume-init", "deploy", "secrets-check"}  # `deploy` runs as the worker image's user
+    # `deploy` and `artifact-bucket` run as the worker image's user
+    assert one_shot == {"volume-init", "deploy", "secrets-check", "artifact-bucket"}
     built = services["worker"]["image"]
     for name, svc in services.items():
         if name == "volume-init":
@@ -390,6 +402,32 @@ def test_server_volumes_are_handed_to_the_server_user_before_start(compose):
     auth_db = re.search(r"^database_uri = sqlite:///(/\S+)$", ini, re.M)[1]
     assert artifacts in _volume_mounts(mlflow)
     assert str(Path(auth_db).parent) in _volume_mounts(mlflow)
+
+
+def test_minio_is_the_artifact_root_of_every_client(compose):
+    """Stage outputs go to MinIO's bucket once (issue 31): every client names it as its artifact root and waits for
+    the bucket; MinIO runs pinned, as the server user, on a chowned volume, its S3 API unpublished."""
+    from flows.artifacts import ROOT_ENV
+
+    services = compose["services"]
+    minio = services["minio"]
+    assert re.fullmatch(r"quay\.io/minio/minio:RELEASE\.[0-9T-]+Z", minio["image"]), "a pinned release"
+    assert minio["user"] == services["mlflow"]["user"] and minio["environment"]["HOME"] == "/tmp"
+    data = minio["command"][2]
+    assert minio["command"][:2] == ["minio", "server"] and _volume_mounts(minio)[data] == "minio-data"
+    assert _volume_mounts(services["volume-init"])[data] == "minio-data", "the volume is handed to the server user"
+    assert _published(minio) == [("127.0.0.1", 9001, 9001)], "the console on loopback; the S3 API stays inside"
+    address = _flags(minio["command"])["--address"]
+    bucket = services["artifact-bucket"]
+    name = re.search(r"makedirs\('([a-z0-9.-]+)'", bucket["command"][-1])[1]
+    assert bucket["depends_on"]["minio"]["condition"] == "service_healthy"
+    for client in ("artifact-bucket", "worker", "deploy", "cpu-worker", "gpu-worker"):
+        env = services[client]["environment"]
+        assert env[ROOT_ENV] == f"s3://{name}", client
+        assert env["AWS_ENDPOINT_URL_S3"] == f"http://minio{address}", client
+        assert services[client]["entrypoint"] == ["sh", SECRETS_EXEC, "client"], "~/.aws/credentials is written"
+        if client != "artifact-bucket":
+            assert "artifact-bucket" in _depends_on(services, client), f"{client} starts before the bucket exists"
 
 
 def test_dockerfile_installs_the_pinned_project():

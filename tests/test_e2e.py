@@ -178,6 +178,15 @@ def _check_report_card(c: Any, pid: str, by_stage: dict[str, Any], stdout: str, 
     assert "Report card" in stdout and "aligned - SFT" in stdout and "lm-evaluation-harness" in stdout
 
 
+def _output(c: Any, run: Any, name: str, tmp: Path) -> Path:
+    """A stage run's output where the pipeline stored it (under the artifact root), checked against its manifest."""
+    from flows.lineage import run_output
+    from flows.tracking import Tracking
+
+    tracking = Tracking(f"sqlite:///{tmp / 'work' / 'mlflow.db'}", run.info.experiment_id, "", True, c)
+    return run_output(tracking, run.info.run_id, name, tmp / "reader")
+
+
 def _check_transformers_parity(c: Any, by_stage: dict[str, Any], tmp: Path) -> None:
     """Plain transformers on each exported model (base, SFT, aligned) gives the greedy tokens of
     `llm-pipeline generate` (llm.cli), on a plain-text prompt and on a chat prompt, each with one BOS."""
@@ -190,7 +199,7 @@ def _check_transformers_parity(c: Any, by_stage: dict[str, Any], tmp: Path) -> N
     from llm import cli as llm_cli
 
     for stage in ("pretrain", "sft", "ppo"):
-        folder = Path(c.download_artifacts(by_stage[stage].info.run_id, "hf", str(tmp / f"parity-{stage}")))
+        folder = _output(c, by_stage[stage], "hf", tmp)
         tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder).eval()
         stops = {tok.convert_tokens_to_ids(t) for t in ("<|eos|>", "<|end|>")}  # where llm-pipeline stops
         for prompt, chat in (("Sam has a", False), ("What is 2 + 3?", True)):

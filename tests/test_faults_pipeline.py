@@ -17,6 +17,7 @@ import flows_fakes as ff
 import pytest
 
 from flows.lineage import fetch_artifact
+from flows.outputs import stored_problem
 from flows.paths import check_run_id, safe_artifact_path
 from flows.stage_flow import make_stage_flow
 from flows.stage_runner import run_stage
@@ -104,7 +105,8 @@ def test_server_stopped_mid_stage_loses_no_metrics_and_run_finishes(tmp_path: Pa
         assert run.info.status == "FINISHED"
         history = tr.client.get_metric_history(out.run_id, "train/loss")
         assert sorted(m.step for m in history) == list(range(30)), "every step's metric arrives after the outage"
-        assert {a.path for a in tr.client.list_artifacts(out.run_id)} >= {"corpus", "tasks"}
+        assert "outputs.json" in {a.path for a in tr.client.list_artifacts(out.run_id)}  # the outputs' record
+        assert run.data.tags["llm.outputs"] == "corpus,tasks" and stored_problem(tr, run) is None
         assert not list((tmp_path / "wd" / "tracking").glob("*.jsonl")), "spill file removed once delivered"
     finally:
         srv.stop()
@@ -235,25 +237,37 @@ def test_symlink_inside_an_output_cannot_smuggle_outside_files(tmp_path: Path) -
         _check_outputs(StageResult(outputs={"../x": out_dir / "corpus"}), out_dir, "ingest")
 
 
+def _stored(wd: Path, rel: str) -> Path:
+    return next((wd / "artifacts").rglob(rel))  # the one stored copy: under the artifact root (default: in wd)
+
+
+def _flip(path: Path) -> None:  # same size, other bytes
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def test_corrupted_artifact_is_detected_by_hash(tmp_path: Path) -> None:
     wd = ff.work_dir(tmp_path)
     sec = ff.section(wd)
     ing = run_stage(BY_NAME["ingest"], ff.FakeConfig(), sec)
-    stored = next((wd / "mlartifacts").rglob("corpus/data.txt"))
-    stored.write_text("flipped\n")
     tr = setup_tracking(sec.experiment, sec.work_dir)
-    with pytest.raises(StageError, match="does not match its recorded sha256"):
-        fetch_artifact(tr, ing.run_id, "corpus", ing.output_hashes["corpus"], wd)
-    assert not (wd / "inputs" / ing.run_id / "corpus").exists(), "a corrupt download is not kept"
+    assert fetch_artifact(tr, ing.run_id, "corpus", ing.output_hashes["corpus"], wd) == _stored(wd, "corpus")
+    _flip(_stored(wd, "corpus/data.txt"))  # read in place: the file changed since it was hashed, so it is again
+    for reader in (wd, tmp_path / "elsewhere"):
+        with pytest.raises(StageError, match=r"data\.txt \(sha256 \w+, recorded \w+\) does not match the sha256 "
+                                             "manifest"):
+            fetch_artifact(tr, ing.run_id, "corpus", ing.output_hashes["corpus"], reader)
 
 
-@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "rewritten"])
 def test_finished_run_whose_stored_outputs_were_damaged_is_not_reused(tmp_path: Path, damage: str) -> None:
     wd = ff.work_dir(tmp_path)
     sec = ff.section(wd)
     first = run_stage(BY_NAME["ingest"], ff.FakeConfig(), sec)
-    stored = next((wd / "mlartifacts").rglob("corpus/data.txt"))
-    stored.unlink() if damage == "deleted" else stored.write_text(stored.read_text()[:5])
+    stored = _stored(wd, "corpus/data.txt")
+    {"deleted": stored.unlink, "truncated": lambda: stored.write_text(stored.read_text()[:5]),
+     "rewritten": lambda: _flip(stored)}[damage]()
     second = run_stage(BY_NAME["ingest"], ff.FakeConfig(), sec)
     assert ff.CALLS == ["ingest", "ingest"] and not second.reused and second.run_id != first.run_id
     assert second.output_hashes == first.output_hashes

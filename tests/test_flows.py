@@ -55,10 +55,13 @@ def test_stage_runs_record_params_metrics_lineage_and_artifacts(tmp_path: Path) 
     assert sft.data.metrics["eval/score"] == 1.0
     assert {d.dataset.name for d in sft.inputs.dataset_inputs} == {"pretrain.model", "ingest.tasks"}
     arts = {a.path for a in c.list_artifacts(sft.info.run_id)}
-    assert {"hf", "config.json", "samples.json"} <= arts
-    # the artifacts in MLflow hold exactly what the stage wrote
-    local = Path(tmp_path / "wd" / "stages" / "sft")
-    assert len(list(local.iterdir())) == 1
+    assert {"outputs.json", "config.json", "samples.json"} <= arts
+    # the outputs are stored once, at the run's own location under the artifact root (the default: in the work
+    # dir), recorded by reference; the scratch folder the stage ran in is gone
+    location = Path(t["llm.artifact_location"])
+    assert location == (tmp_path / "wd" / "artifacts" / "sft" / sft.info.run_id).resolve()
+    assert (location / "hf" / "data.txt").read_text().startswith("hf:")
+    assert not list((tmp_path / "wd" / "stages" / "sft").iterdir())
 
 
 def test_unchanged_stage_is_reused_changed_or_forced_reruns(tmp_path: Path) -> None:

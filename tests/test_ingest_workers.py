@@ -153,7 +153,7 @@ def test_units_run_as_prefect_tasks_with_the_same_bytes(single, tmp_path):
     state = ingest_flow(config=config(paths, workers=2), pipeline=ff.section(wd), return_state=True)
     assert state.is_completed(), state
     assert {k: os.environ.get(k) for k in threads} == threads
-    (corpus_dir,) = (wd / "stages" / "ingest").glob("*/corpus")
+    (corpus_dir,) = (wd / "artifacts" / "ingest").glob("*/corpus")  # where the stage run stored it
     assert tree(corpus_dir) == tree(one.outputs["corpus"])
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as c:

@@ -161,7 +161,11 @@ def _check_same_corpus_as_uncompressed(c: Any, ingest_run: Any, data: Path, tmp:
     (plain / "chat-logs.jsonl").write_bytes(gzip.decompress((data / "corpus" / "chat-logs.jsonl.gz").read_bytes()))
     sources = [FilesSource(paths=[str(plain / "*.txt")]), FilesSource(paths=[str(plain / "*.jsonl")])]
     expected = ingest.run(ingest.Config(sources=sources), None, tmp / "plain-ingest").outputs["corpus"]
-    got = Path(c.download_artifacts(ingest_run.info.run_id, "corpus", str(tmp / "pipeline-corpus")))
+    from flows.lineage import run_output
+    from flows.tracking import Tracking
+
+    tracking = Tracking(f"sqlite:///{tmp / 'work' / 'mlflow.db'}", ingest_run.info.experiment_id, "", True, c)
+    got = run_output(tracking, ingest_run.info.run_id, "corpus", tmp / "reader")  # where the pipeline stored it
     for split in ("train", "val"):
         texts = [t for batch in corpus_reader.iter_texts(got, split) for t in batch]
         assert texts == [t for batch in corpus_reader.iter_texts(expected, split) for t in batch], split

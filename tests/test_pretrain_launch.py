@@ -122,7 +122,7 @@ def _two_worker_run(c, exp):
 
 def _direct(tmp: Path, out: Path, *sets: str) -> list[str]:
     """`python -m stages.pretrain` (no Prefect, no MLflow) on the launched pipeline's tokenizer output."""
-    (tok_dir,) = (tmp / "wd" / "stages" / "tokenizer").glob("*/tokenizer")
+    (tok_dir,) = (tmp / "wd" / "artifacts" / "tokenizer").glob("*/tokenizer")  # where the pipeline stored it
     cmd = [sys.executable, "-m", "stages.pretrain", "--tokenizer", str(tok_dir), "--tokens",
            str(tok_dir.parent / "tokens"), "--out", str(out), "--config", str(SMOKE), "--set", "micro_batch_size=2"]
     return cmd + [a for kv in sets for a in ("--set", kv)]

@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 from browser_utils import Stack, free_port
@@ -212,11 +211,10 @@ def test_generate_and_export_verify_the_registered_version_and_refuse_an_altered
     r = cli("generate", "--model", f"models:/{MODEL}/{mv.version}", "--prompt", "Once upon", "--max-new-tokens",
             "4", work="gen-ok")
     assert r.returncode == 0, r.stderr[-3000:]
-    # alter one stored file of the version's run in the server's artifact store
+    # alter one stored file of the version's run where it is stored: its location under the artifact root
     run = c.get_run(mv.tags["llm.stage_run"])
-    exp_id, rid = run.info.experiment_id, run.info.run_id
-    stored = stack.work / "mlartifacts" / exp_id / rid / "artifacts" / "hf" / "config.json"
-    assert stored.is_file(), urlparse(run.info.artifact_uri)
+    stored = Path(run.data.tags["llm.artifact_location"]) / "hf" / "config.json"
+    assert stored.is_file(), run.data.tags["llm.artifact_location"]
     stored.write_text(stored.read_text() + "\n")
     for argv, work in ((("generate", "--model", f"models:/{MODEL}/{mv.version}", "--prompt", "x"), "gen-bad"),
                        (("export", "--model", ref_alias, "--out", str(root / "exported")), "exp-bad")):
