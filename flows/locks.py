@@ -22,7 +22,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -123,14 +123,12 @@ def describe_holder(path: Path, what: str = "") -> tuple[bool, str]:
     return False, "a process that left no record of itself (not an llm-pipeline process)"
 
 
-def acquire(f: IO[str], path: Path, what: str, timeout_s: float | None = None) -> None:
-    """Take an exclusive lock on the open lock file `f` (at `path`), waiting as the module docstring says."""
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks on this platform
-        return
-    if try_lock(f):
-        write_record(f, what)
+def wait_for_lock(take: Callable[[], bool], holder: Callable[[], tuple[bool, str]], what: str, where: str,
+                  fix: str, timeout_s: float | None = None, max_delay_s: float = 0.5) -> None:
+    """Call `take` until it gets the lock. `holder()` says (held by one of our processes, who holds it in words):
+    a wait on our own processes is unbounded, one on anything else ends after `timeout_s` (default: the configured
+    lock timeout) with a `LockTimeoutError` naming `where` the lock is, its holder and `fix`."""
+    if take():
         return
     limit = lock_timeout_s() if timeout_s is None else timeout_s
     started = time.monotonic()
@@ -138,31 +136,37 @@ def acquire(f: IO[str], path: Path, what: str, timeout_s: float | None = None) -
     said = ""
     delay = 0.05
     while True:
-        ours, holder = describe_holder(path, what)
+        ours, who = holder()
         # once per holder, not once per poll, and not for the moment a store takes to open
-        if holder != said and time.monotonic() - started > 0.5:
-            log.warning("waiting for %s: %s holds its lock %s", what, holder, path)
-            said = holder
+        if who != said and time.monotonic() - started > 0.5:
+            log.warning("waiting for %s: %s holds %s", what, who, where)
+            said = who
         if ours:
             foreign_since = None
         else:
             foreign_since = foreign_since or time.monotonic()
             if time.monotonic() - foreign_since >= limit:
                 raise LockTimeoutError(
-                    f"gave up waiting for {what} after {time.monotonic() - started:.0f} s: the lock file {path} is "
-                    f"held by {holder}. Stop that process, or, if it is meant to hold the lock this long, raise "
-                    f"{LOCK_TIMEOUT_ENV} (now {limit:g} s)."
+                    f"gave up waiting for {what} after {time.monotonic() - started:.0f} s: {where} is held by {who}. "
+                    f"{fix}, or raise {LOCK_TIMEOUT_ENV} (now {limit:g} s)."
                 )
         time.sleep(delay)
-        delay = min(delay * 2, 0.5)
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue
-        write_record(f, what)
-        if said:
-            log.info("done waiting for %s (%.1f s)", what, time.monotonic() - started)
+        delay = min(delay * 2, max_delay_s)
+        if take():
+            if said:
+                log.info("done waiting for %s (%.1f s)", what, time.monotonic() - started)
+            return
+
+
+def acquire(f: IO[str], path: Path, what: str, timeout_s: float | None = None) -> None:
+    """Take an exclusive lock on the open lock file `f` (at `path`), waiting as the module docstring says."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # no advisory locks on this platform
         return
+    wait_for_lock(lambda: try_lock(f), lambda: describe_holder(path, what), what, f"the lock file {path}",
+                  "Stop that process, or, if it is meant to hold the lock this long,", timeout_s)
+    write_record(f, what)
 
 
 @contextlib.contextmanager

@@ -18,13 +18,12 @@ import hashlib
 import logging
 import os
 import tempfile
-import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flows.locks import file_lock, lock_timeout_s
+from flows.locks import file_lock, wait_for_lock
 from stages.common import StageError
 
 log = logging.getLogger(__name__)
@@ -180,7 +179,9 @@ def _server_lock(uri: str) -> Iterator[None]:
         else:
             take, give = "SELECT GET_LOCK(:k, 0)", "SELECT RELEASE_LOCK(:k)"
             params = {"k": _MYSQL_LOCK}
-        _wait_for(lambda: bool(conn.execute(text(take), params).scalar()), lambda: _pg_holder(conn, dialect), uri)
+        wait_for_lock(lambda: bool(conn.execute(text(take), params).scalar()), lambda: _pg_holder(conn, dialect),
+                      f"the MLflow store {redact(uri)} to be created or migrated", "the database's advisory lock",
+                      "End that session", max_delay_s=0.25)
         try:
             yield
         finally:
@@ -211,32 +212,6 @@ def _pg_holder(conn: Any, dialect: str) -> tuple[bool, str]:
     who = (f"database session {row.pid} (application {app or 'unnamed'!r}, user {row.usename}, "
            f"client {row.client_addr or 'local socket'})")
     return app.startswith(APPLICATION_NAME), who
-
-
-def _wait_for(take: Any, holder: Any, uri: str) -> None:
-    if take():
-        return
-    limit = lock_timeout_s()
-    what = f"the MLflow store {redact(uri)} to be created or migrated"
-    started = time.monotonic()
-    foreign_since: float | None = None
-    said = ""
-    while not take():
-        ours, who = holder()
-        if who != said and time.monotonic() - started > 0.5:  # not for the moment a store takes to open
-            log.warning("waiting for %s: %s holds its advisory lock", what, who)
-            said = who
-        if ours:
-            foreign_since = None
-        else:
-            foreign_since = foreign_since or time.monotonic()
-            if time.monotonic() - foreign_since >= limit:
-                from flows.locks import LOCK_TIMEOUT_ENV, LockTimeoutError
-
-                raise LockTimeoutError(
-                    f"gave up waiting for {what} after {time.monotonic() - started:.0f} s: the database's advisory "
-                    f"lock is held by {who}. End that session, or raise {LOCK_TIMEOUT_ENV} (now {limit:g} s).")
-        time.sleep(0.25)
 
 
 def prepare_store(uri: str, default_artifact_root: str | None = None) -> None:
