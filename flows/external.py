@@ -119,9 +119,6 @@ def _walk(value: Any, where: str) -> Iterator[tuple[str, Any, str]]:
             yield from _walk(v, f"{where}.{i}")
 
 
-def external_inputs(cfg: BaseModel) -> dict[str, Any]:
-    """Dotted config field -> the external input it names (DatasetRef, a source, or a path string)."""
-    return {where: v for where, v, _ in _walk(cfg, "")}
 
 
 def fingerprints(cfg: BaseModel) -> dict[str, str]:

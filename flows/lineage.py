@@ -84,16 +84,6 @@ def find_cached(tracking: Tracking, stage: str, key: str) -> Any | None:
     return None
 
 
-def tree_size(path: Path) -> tuple[int, int]:
-    """(files, bytes) of a file or folder, over the same files `sha256_tree` hashes."""
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-    return len(files), sum(f.stat().st_size for f in files)
-
-
-def size_tags(output: str, files: int, nbytes: int) -> dict[str, str]:
-    return {f"llm.output.{output}.files": str(files), f"llm.output.{output}.bytes": str(nbytes)}
-
-
 def _stored_files(tracking: Tracking, run_id: str, artifact: str) -> dict[str, int | None]:
     """Artifact path -> size (None where the store does not say) of each file of `artifact` (a file or a folder)
     in the run's artifact store."""

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 GATE_EXEMPT = ("heldout_text",)  # sets the promotion gate does not judge (see the module doc)
 
 # Evaluation sets of the built-in task folder, and the training files beside them.
-EVAL_FILES = {"heldout": "heldout.jsonl", "sft_eval": "sft_eval.jsonl", "preferences_eval": "preferences_eval.jsonl"}
 TRAIN_FILES = ("sft.jsonl", "preferences.jsonl", "rl_prompts.jsonl")
 EXAMPLES = 5
 _WORD = re.compile(r"[a-z0-9]+")
@@ -122,11 +121,6 @@ def _shown(item: str | list[str]) -> str:
     return item if isinstance(item, str) else " | ".join(item)
 
 
-def check_tasks(tasks_dir: Path, corpus_dir: Path | None, n: int = 13) -> dict[str, dict[str, Any]]:
-    """`check` over the task folder's evaluation sets against the corpus and the task folder's training data."""
-    sets = {name: [_item_text(r) for r in _read_jsonl(tasks_dir / f)]
-            for name, f in EVAL_FILES.items() if (tasks_dir / f).is_file()}  # fmt: skip
-    return check(sets, training_texts(corpus_dir, tasks_dir), n)
 
 
 def metrics_of(report: dict[str, dict[str, Any]]) -> dict[str, float]:
