@@ -172,7 +172,7 @@ class LocalStore(Store):
     def check(self, hint: str) -> None:
         from flows.environment import check_work_dir
 
-        check_work_dir(self.root, hint)
+        check_work_dir(self.root, hint, "artifact root")
 
 
 class RemoteStore(Store):

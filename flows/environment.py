@@ -20,9 +20,9 @@ class EnvironmentProblem(StageError):
     """The machine is not set up for the command (the user fixes it; never retried)."""
 
 
-def check_work_dir(work_dir: str | Path, hint: str) -> Path:
+def check_work_dir(work_dir: str | Path, hint: str, what: str = "work dir") -> Path:
     """The work dir exists (made if missing), is writable and has room for a 1 MiB file; `hint` says how to pick
-    another one (e.g. `--set pipeline.work_dir=DIR`)."""
+    another one (e.g. `--set pipeline.work_dir=DIR`); `what` names the folder in messages."""
     work = Path(work_dir).resolve()
     probe = work / f".write-check-{os.getpid()}"
     try:
@@ -39,12 +39,12 @@ def check_work_dir(work_dir: str | Path, hint: str) -> Path:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             free = _free_mb(work)
             raise EnvironmentProblem(
-                f"no space left on the disk of the work dir {work} ({free} free); free some space or use a work "
-                f"dir on another disk ({hint})") from None
+                f"no space left on the disk of the {what} {work} ({free} free); free some space or use a {what} "
+                f"on another disk ({hint})") from None
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            what = "is on a read-only file system" if e.errno == errno.EROFS else "is not writable by this user"
-            raise EnvironmentProblem(f"the work dir {work} {what}; use a writable one ({hint})") from None
-        raise EnvironmentProblem(f"cannot write to the work dir {work} ({e.strerror or e}); use another one "
+            problem = "is on a read-only file system" if e.errno == errno.EROFS else "is not writable by this user"
+            raise EnvironmentProblem(f"the {what} {work} {problem}; use a writable one ({hint})") from None
+        raise EnvironmentProblem(f"cannot write to the {what} {work} ({e.strerror or e}); use another one "
                                  f"({hint})") from None
     return work
 
