@@ -84,6 +84,7 @@ def filter_batch(texts: pa.Array, source: str, src: Source, q: quality.QualityCo
     extra: dict[str, Any] = {"dropped": Counter(), "dropped_bytes": Counter(), "removed": [],
                              "lines_removed": Counter()}
     part = takes_part(src)
+    kept: list[str] | None = None  # the kept texts as Python strings, once the filters made them
     if part and q.enabled and len(texts):
         py = texts.to_pylist()
         verdicts = quality.apply(py, q)
@@ -95,9 +96,10 @@ def filter_batch(texts: pa.Array, source: str, src: Source, q: quality.QualityCo
             if extra["dropped"][rule] <= per_rule:
                 extra["removed"].append(_row(rule, source, py[i], verdicts.details.get(int(i), "")))
         extra["lines_removed"] = verdicts.lines_removed
-        texts = pa.array([t for t, k in zip(verdicts.texts, keep, strict=True) if k], pa.string())
+        kept = [t for t, k in zip(verdicts.texts, keep, strict=True) if k]
+        texts = pa.array(kept, pa.string())
     if part and nd.enabled:
-        extra["sigs"], extra["has_sig"] = near_dedup.signatures(texts.to_pylist(), nd)
+        extra["sigs"], extra["has_sig"] = near_dedup.signatures(texts.to_pylist() if kept is None else kept, nd)
     return texts, extra
 
 
