@@ -241,17 +241,21 @@ def _run_until_stopped(deployments: list[Any], limit: int, work_dir: Path, out: 
             stopper(signal.SIGTERM, self)
 
     runner = _Runner(pause_on_shutdown=False, limit=limit)
-    for d in deployments:
-        runner.add_deployment(d)
-    quiet_connection_tracebacks()
-    old = signal.signal(signal.SIGINT, lambda signum, frame: stopper(signum, runner))
+    # Ours from here on, not only once Prefect's runner has started and installed its own SIGTERM handler: the
+    # addresses are printed before, and a signal in between would otherwise end the process without its line.
+    old = {sig: signal.signal(sig, lambda signum, frame: stopper(signum, runner))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        for d in deployments:
+            runner.add_deployment(d)
+        quiet_connection_tracebacks()
         asyncio.run(runner.start())
     except (KeyboardInterrupt, asyncio.CancelledError):
         if not stopper.started:
             raise
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     if stopper.started:
         stopper.finish()
 
