@@ -45,7 +45,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress 
 
 from bench import ingest_filters
 from bench.common import add_repeat_args, alternate
-from stages import corpus, fanout, ingest
+from stages import ingest
+from stages.data import builtin
+from stages.runtime import fanout
 
 
 def make_inputs(folder: Path, target_mb: float, doc_bytes: int = 2000, n_files: int = 4) -> tuple[list[Path], int]:
@@ -54,7 +56,7 @@ def make_inputs(folder: Path, target_mb: float, doc_bytes: int = 2000, n_files: 
     A few percent are exact duplicates and carry stray control characters / CRLF, so every cleaning path runs."""
     docs, size, seed, current = [], 0, 0, ""
     while size < target_mb * 1e6:
-        for i, d in enumerate(corpus.pretraining_documents(seed, 4000)):
+        for i, d in enumerate(builtin.documents(seed, 4000)):
             current = f"{current}\n{d}" if current else d
             if len(current) >= doc_bytes:
                 if i % 50 == 0:
@@ -153,7 +155,7 @@ def write_jsonl_corpus(path: Path, target_mb: float, doc_bytes: int = 2000) -> t
     Documents join random built-in stories behind a running number, so they are distinct however large the corpus
     (the built-in generator alone is too slow for gigabytes); as in `make_inputs`, a few percent are duplicates
     and carry CRLF / control characters."""
-    pool = [d for seed in range(4) for d in corpus.pretraining_documents(seed, 4000)]
+    pool = [d for seed in range(4) for d in builtin.documents(seed, 4000)]
     rng = random.Random(0)
     size = n = 0
     with open(path, "wb") as plain, gzip.open(f"{path}.gz", "wb", compresslevel=6) as packed:

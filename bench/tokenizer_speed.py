@@ -28,8 +28,9 @@ from tokenizers import pre_tokenizers, trainers
 from bench.common import add_repeat_args, alternate
 from llm import data as token_data
 from llm.tokenizer import SPECIAL_TOKENS, Tokenizer, new_bpe, train_bpe
-from stages import corpus_reader, ingest
+from stages import ingest
 from stages import tokenizer as tok_stage
+from stages.data import corpus_reader
 
 
 class _NoBar:

@@ -55,7 +55,7 @@ def _tree(paths: list[Path]) -> dict[str, str]:
 def hub_revision(name: str, revision: str | None = None) -> str | None:
     """The commit a hub dataset name (at `revision`, default its main branch) resolves to, or None when the hub
     cannot be asked (offline, unknown name)."""
-    from stages.dataset_files import hub_reachable
+    from stages.data.dataset_files import hub_reachable
 
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1" or not hub_reachable():
         log.warning("Hugging Face dataset %s: the hub cannot be reached; its cache key holds the name only", name)
@@ -71,7 +71,7 @@ def hub_revision(name: str, revision: str | None = None) -> str | None:
 
 
 def _dataset(ref: Any) -> dict[str, Any]:
-    from stages.chat_data import hub_name_split, local_files
+    from stages.data.chat_data import hub_name_split, local_files
 
     files = local_files(ref.path)
     if files is not None:
@@ -84,7 +84,7 @@ def _dataset(ref: Any) -> dict[str, Any]:
 
 
 def _source(src: Any) -> dict[str, Any]:
-    from stages.readers import FilesSource, expand_paths
+    from stages.data.readers import FilesSource, expand_paths
 
     if isinstance(src, FilesSource):
         try:
@@ -99,8 +99,8 @@ def _source(src: Any) -> dict[str, Any]:
 
 def _walk(value: Any, where: str) -> Iterator[tuple[str, Any, str]]:
     """(dotted field, value, kind) of every external input inside a config value."""
-    from stages.chat_data import DatasetRef
-    from stages.readers import FilesSource, HFSource
+    from stages.data.chat_data import DatasetRef
+    from stages.data.readers import FilesSource, HFSource
 
     if isinstance(value, DatasetRef):
         yield where, value, "dataset"

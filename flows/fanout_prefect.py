@@ -1,4 +1,4 @@
-"""Stage fan-out as Prefect task runs: the `stages.fanout` mapper the stage flows install, which runs each unit of
+"""Stage fan-out as Prefect task runs: the `stages.runtime.fanout` mapper the stage flows install, which runs each unit of
 a stage's work (e.g. one input file of `ingest`) as a Prefect task on `prefect_dask.DaskTaskRunner`, so the units
 show up as task runs of the stage's flow run in the Prefect UI, with their own states and logs.
 
@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from stages import fanout
+from stages.runtime import fanout
 
 
 def _run_unit(fn: Callable[[Any], Any], item: Any) -> Any:
@@ -48,7 +48,7 @@ def _in_prefect_run() -> bool:
 
 @contextlib.contextmanager
 def prefect_dask_mapper(workers: int, address: str | None, stage: str) -> Iterator[fanout.Mapper]:
-    """A `stages.fanout.MapperFactory`: the units as Prefect tasks on a Dask cluster (see the module docstring)."""
+    """A `stages.runtime.fanout.MapperFactory`: the units as Prefect tasks on a Dask cluster (see the module docstring)."""
     if not _in_prefect_run():
         with fanout.dask_mapper(workers, address, stage) as mapper:
             yield mapper

@@ -2,7 +2,7 @@
 checked against the tokenizer and the model's context right after the tokenizer stage, before pretraining.
 
 Problems are collected from every stage and reported at once as one ConfigError (exit code 2, no traceback); the
-checks themselves live with the stages (stages.input_checks).
+checks themselves live with the stages (stages.data.input_checks).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ MEMO_S = 60.0
 
 def builtin_tasks(cfg: Any) -> bool:
     """Whether the config's ingest writes the built-in world's task data."""
-    from stages.readers import BuiltinSource
+    from stages.data.readers import BuiltinSource
 
     return any(isinstance(s, BuiltinSource) and s.tasks for s in cfg.ingest.sources)
 
@@ -41,7 +41,7 @@ def _raise(problems: list[str], when: str) -> None:
 
 def check_inputs(cfg: Any, stages: Iterable[str] | None = None) -> None:
     """Every source and dataset of the given stages (default: all) checked; one ConfigError lists every problem."""
-    from stages.input_checks import check_evaluate, check_ingest, check_task_data
+    from stages.data.input_checks import check_evaluate, check_ingest, check_task_data
 
     wanted = set(stages) if stages is not None else None
     memo = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), sorted(wanted or [])]).encode()).hexdigest()
@@ -73,7 +73,7 @@ def check_after_tokenizer(cfg: Any, tokenizer_dir: Path, tasks_dir: Path | None)
     little left to train on."""
     from transformers import AutoTokenizer
 
-    from stages.input_checks import check_fit
+    from stages.data.input_checks import check_fit
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     ctx = context_of(cfg.pretrain, len(tok))
@@ -82,5 +82,5 @@ def check_after_tokenizer(cfg: Any, tokenizer_dir: Path, tasks_dir: Path | None)
     for stage, fit in fits.items():
         if fit.truncated or fit.dropped:
             log.warning("%s: %d example(s) will be cut from the left and %d dropped to fit the context of %d tokens "
-                        "(stages.truncation)", stage, fit.truncated, fit.dropped, ctx)
+                        "(stages.data.truncation)", stage, fit.truncated, fit.dropped, ctx)
     return fits

@@ -64,7 +64,7 @@ STAGES: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         "evaluate",
-        "stages.harness",
+        "stages.evaluate",
         {"base": ("pretrain", "hf"), "sft": ("sft", "hf"), "aligned": ("ppo", "hf"), "tasks": ("ingest", "tasks"),
          "corpus": ("ingest", "corpus"), "chat_heldout": ("sft", "heldout")},
         optional=frozenset({"tasks", "corpus", "chat_heldout"}),

@@ -21,7 +21,7 @@ from flows.progress import prefect_progress
 from flows.specs import STAGES, PipelineSection, StageSpec
 from flows.stage_runner import StageOutcome, run_stage
 from flows.tracking import is_transient
-from stages import fanout
+from stages.runtime import fanout
 
 log = logging.getLogger(__name__)
 

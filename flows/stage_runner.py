@@ -1,14 +1,16 @@
 """Run one stage under MLflow: reuse a finished run with the same cache key, or execute the stage in a new run.
 
-What `run_stage` does, in order:
+`run_stage` is the one place that decides whether a stage computes; stages only resume their own checkpoints.
+What it does, in order:
 1. finds its upstream runs (given ids, a pipeline run id, lineage of a given run, or the latest finished run),
-2. computes the cache key = hash(stage config, upstream output content hashes, code version); a finished run
-   with that key whose outputs are still whole in the artifact store (`flows.lineage.find_cached`) is reused
-   unless `force`,
+2. computes the cache key = hash(stage config less its execution-only fields, upstream output content hashes,
+   fingerprints of the external files and datasets it reads, code version); a finished run with that key whose
+   outputs are still whole in the artifact store (`flows.lineage.find_cached`) is reused unless `force`,
 3. resolves the upstream outputs to verified local paths (in place under a local artifact root, through the
    bounded cache from an object store; `flows.outputs`),
 4. opens an MLflow child run tagged `llm.stage=<name>`, logs params, inputs, lineage and system metrics,
-5. calls `stages.<name>.run(cfg, inputs, out_dir, tracker)` in a scratch folder of the work dir, then logs metrics,
+5. calls `stages.<name>.run(cfg, inputs, out_dir, tracker)` in a scratch folder of the work dir (unless an earlier
+   attempt left its finished record there, `flows.finished`: killed while uploading), then logs metrics,
    samples and plots, stores the outputs once at the run's own location under the artifact root and records that
    location and their sha256 manifest in the run; the scratch folder goes once the run has FINISHED.
 `flows.stage_flow` wraps it in a Prefect flow (retries of transient errors, Prefect artifacts).
@@ -29,6 +31,7 @@ from pydantic import BaseModel
 
 from flows.cache_key import cache_key, code_version
 from flows.external import fingerprints
+from flows.finished import read_finished, write_finished
 from flows.lineage import (
     PARENT_TAG,
     TAG_CACHE_KEY,
@@ -387,8 +390,14 @@ def _execute(
     nr = _NewRun(tracking, run_id, spec.name, pipeline, out_dir, tracker, work_dir)
     try:
         _log_start(nr, cfg, refs, local)
-        log.info("stage %s: running in MLflow run %s (out_dir %s)", spec.name, run_id, out_dir)
-        result = module.run(cfg, dict(local), out_dir, tracker)
+        result = read_finished(out_dir, key)
+        if result is None:
+            log.info("stage %s: running in MLflow run %s (out_dir %s)", spec.name, run_id, out_dir)
+            result = module.run(cfg, dict(local), out_dir, tracker)
+            write_finished(out_dir, key, result, check_outputs(result, out_dir, spec.name))
+        else:
+            log.info("stage %s: an earlier attempt computed this run's outputs in %s; storing them under MLflow "
+                     "run %s without computing again", spec.name, out_dir, run_id)
         metrics, arts, hashes = _record_result(nr, result)
     except BaseException as e:
         _mark_failed(nr, e)

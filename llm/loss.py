@@ -43,7 +43,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         buf = None
         if in_place and not kernel and workspace is not None and dev == "cpu":
             # CPU: the logits go to a buffer kept across steps. A fresh one per step is a new mapping of 16+ MB
-            # that the OS zero-fills page by page on first touch; that made the LM-head matmul a third slower.
+            # that the OS zero-fills page by page on first touch, which slows the LM-head matmul (docs/FINDINGS.md,
+            # "The CPU training step").
             rows = min(chunk, h.shape[0])
             buf = workspace.get("logits")
             if buf is None or buf.shape[0] < rows or buf.shape[1] != w.shape[0]:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,11 +19,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
+from pydantic import BaseModel
+
 from llm.files import atomic_dir, atomic_file, fsync_dir, sha256_file, sha256_tree, write_json
 
 __all__ = ["DISK_FULL_ERRNOS", "ListTracker", "NullTracker", "StageError", "StageResult", "Tracker", "TransientError",
-           "atomic_dir", "atomic_file", "disk_full_error", "fsync_dir", "read_json", "remove_stale", "require_path",
-           "sha256_file", "sha256_tree", "stage_device", "stop_when_disk_full", "write_json"]
+           "atomic_dir", "atomic_file", "disk_full_error", "fingerprint", "fsync_dir", "read_json", "remove_stale", "require_path",
+           "sha256_file", "sha256_tree", "sizes_match", "stage_device", "stop_when_disk_full", "write_json"]
 
 
 class StageError(Exception):
@@ -132,3 +135,27 @@ def remove_stale(out_dir: Path, names: tuple[str, ...]) -> None:
     for name in names:
         for stale in Path(out_dir).glob(f".{name}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def fingerprint(cfg: BaseModel | Mapping[str, Any] | None = None, *, inputs: Mapping[str, Path | None] | None = None,
+                extra: Mapping[str, Any] | None = None, exclude: set[str] | None = None) -> str:
+    """sha256 of what a piece of work depends on: a config (minus `exclude`), the content of input files or folders
+    and other `extra` facts. Stages stamp partial work with it, so an interrupted attempt is resumed only by the same
+    job; whether a finished stage reruns at all is the flow layer's decision (flows.finished)."""
+    if isinstance(cfg, BaseModel):
+        cfg = cfg.model_dump(mode="json", exclude=exclude)
+    elif cfg is not None and exclude:
+        cfg = {k: v for k, v in cfg.items() if k not in exclude}
+    content = {name: sha256_tree(p) for name, p in sorted((inputs or {}).items()) if p is not None}
+    blob = json.dumps({"cfg": cfg, "inputs": content, "extra": dict(extra or {})}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def sizes_match(folder: Path, entries: Iterable[Mapping[str, Any]]) -> bool:
+    """Each {"file", "bytes"} entry of a manifest is there at its recorded size: a cheap check that a sharded output
+    an earlier attempt left is whole (the stage reading the shards verifies their sha256)."""
+    for entry in entries:
+        p = Path(folder) / entry["file"]
+        if not p.exists() or p.stat().st_size != entry["bytes"]:
+            return False
+    return True

@@ -27,9 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages import reuse
-from stages.chat_data import DatasetRef
 from stages.common import NullTracker, StageResult, Tracker, atomic_dir, require_path, write_json
+from stages.data.chat_data import DatasetRef
 
 log = logging.getLogger(__name__)
 GATE_EXEMPT = ("heldout_text",)  # sets the promotion gate does not judge (see the module doc)
@@ -162,7 +161,7 @@ class Config(BaseModel):
 
 def _task_sets(cfg: Config, tasks_dir: Path | None) -> tuple[dict[str, list[str | list[str]]], list[str]]:
     """(evaluation sets, training texts) of the SFT, preference and RL data, as the stages read them."""
-    from stages import task_data
+    from stages.data import task_data
 
     sets: dict[str, list[str | list[str]]] = {}
     train: list[str] = []
@@ -189,17 +188,13 @@ def _include_sets(include: Path | None) -> dict[str, list[str | list[str]]]:
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
-    from stages.heldout_eval import val_docs
+    from stages.posttrain.heldout_eval import val_docs
 
     corpus = require_path(inputs.get("corpus", ""), "input `corpus` (the ingest stage's corpus folder)")
     tasks_dir = Path(inputs["tasks"]) if inputs.get("tasks") else None
     include = Path(cfg.include_path).expanduser() if cfg.include_path else None
     out_dir = Path(out_dir)
     outputs = {"contamination": out_dir / "contamination"}
-    key = reuse.work_key(cfg, inputs={"corpus": corpus, "tasks": tasks_dir, "include": include},
-                         extra={"datasets": [str(getattr(cfg, s).model_dump()) for s in ("sft", "reward", "ppo")]})
-    if (done := reuse.finished(out_dir, key, outputs)) is not None:
-        return done
     sets: dict[str, list[str | list[str]]] = {}
     train: list[str] = []
     if cfg.check:
@@ -222,6 +217,4 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     metrics = {**metrics_of(report), "contamination/training_mb": mb,
                "contamination/mb_per_s": mb / seconds if seconds > 0 else 0.0}
     tracker.log_metrics(metrics)
-    result = StageResult(outputs=outputs, metrics=metrics)
-    reuse.mark_finished(out_dir, key, result)
-    return result
+    return StageResult(outputs=outputs, metrics=metrics)

@@ -1,312 +1,359 @@
-"""Evaluation shared by the pretrain, SFT and PPO stages: batched greedy generation, exact match, reward scores, KL.
+"""Evaluate stage: the base, SFT and aligned models on EleutherAI's lm-evaluation-harness (`lm-eval`).
 
-Public API:
-  exact_match(model, tokenizer, items, checker=...) -> (metrics, rows)
-      Greedy answers to held-out prompt items through the chat template with a generation prompt, judged by a
-      `stages.task_data.Checker`. metrics: {"eval/exact_match": ..., "eval/exact_match/<kind>": ...}, and with the
-      built-in world's checker eval/refusal_rate/harmful, eval/refusal_rate/benign on its harmful requests.
-      rows: [{"prompt", "response", "expected", "correct", "kind"}].
-  evaluate_exact_match(model_dir, tasks_dir, ...): the same on the built-in held-out items of a tasks folder.
-  generate(model, tokenizer, prompts, ...) -> list[Generation]   (prompts are message lists)
-  reward_scores(reward_model, tokenizer, sequences, ...) -> list[float]
-      `sequences` are token-id lists, or (prompt messages, response text) pairs rendered by the chat template.
-  scored_sequences(tokenizer, generations) -> token-id lists for reward_scores, each finished answer ending in the
-      template's end-of-turn tail as in the reward model's training data.
-  sequence_kl(policy, reference, generations, ...) -> list[float]   exact per-token KL summed over each response.
+inputs:  base (the pretrain stage's hf folder), sft (the SFT stage's), aligned (the PPO stage's),
+         tasks (built-in task folder; needed only by the built-in world tasks)
+outputs: results (results.json: every task's lm-eval numbers per model, and tasks/: the local task definitions
+         and data the run used)
+metrics: lm_eval/<model>/<task>/<metric> (model: base, sft, aligned), e.g. lm_eval/sft/world_qa/exact_match,
+         and <metric>_stderr beside each where lm-eval reports one.
 
-Generation is batched with left padding (prompts sorted by length so batches pad little) and uses the KV cache.
+Built-in local tasks (no download; written from the held-out questions of the tasks input, which the ingest
+stage's contamination check covers):
+  world_qa  generation: answer a held-out question about the built-in world; exact match (case and punctuation
+            ignored), the first line of the answer.
+  world_mc  multiple choice: the right answer among up to three wrong answers of the same kind (kinds with one
+            answer for all, such as "The story does not say.", are left out); accuracy.
+Any other name is an lm-eval task: a YAML definition under `include_path`, or one of lm-eval's own (hellaswag,
+arc_easy, ...; those download their data from the Hugging Face hub).
+
+The three models are scored the same way (the same prompts, rendered with each model's chat template when
+`chat_template` is on), so the numbers compare base -> SFT -> aligned like for like.
 """
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from stages.chat_data import Message, prompt_text
-from stages.common import StageError, stage_device
-from stages.task_data import Checker, builtin_checker, builtin_heldout
+from llm.files import atomic_dir, write_json
+from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
+from stages.posttrain import heldout_eval
+
+log = logging.getLogger("stages.evaluate")
+
+MODELS = ("base", "sft", "aligned")  # input names, and the <model> part of the metric names
+LOCAL_TASKS = ("world_qa", "world_mc")
+RESULTS = "results"
+
+# Both built-in tasks ask the held-out question as the user's turn and read the answer right after the
+# assistant tag: no space before the answer, as in the SFT data.
+_QA_YAML = """task: world_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["\\n", "<|end|>"]
+  max_gen_toks: {max_gen_toks}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: true
+metadata:
+  version: 1.0
+"""
+_MC_YAML = """task: world_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
 
 
-@dataclass
-class Generation:
-    prompt_ids: list[int]
-    response_ids: list[int]  # up to and including the first stop token (if one was produced)
-    text: str  # the response decoded without special tokens
-    stopped: bool  # whether a stop token ended it (else it hit max_new_tokens)
+class Config(BaseModel):
+    """Standard benchmark evaluation of the base, SFT and aligned models with lm-evaluation-harness."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] | None = Field(
+        None,
+        description="lm-eval task names: heldout_text (bits per byte on the corpus's held-out split), the built-in "
+        "world_qa / world_mc (offline), tasks defined in include_path, or lm-eval's own (hellaswag, arc_easy, ...; "
+        "downloaded from the hub). Empty = heldout_text, plus world_qa and world_mc when the built-in task data is "
+        "in use.")
+    heldout_docs: int = Field(200, ge=0, description="Documents of the corpus's held-out split scored for bits per "
+                              "byte (heldout/text_bpb and the heldout_text task); 0 = off.")
+    heldout_chats: int = Field(200, ge=0, description="Held-out SFT conversations whose answers are scored for bits "
+                               "per byte (heldout/response_bpb); 0 = off.")
+    models: list[Literal["base", "sft", "aligned"]] = Field(
+        list(MODELS), min_length=1, description="Which of the pipeline's models to evaluate.")
+    include_path: str | None = Field(
+        None, description="A folder of extra lm-eval task definitions (YAML), for tasks of your own.",
+        json_schema_extra={"external": True})
+    limit: int | None = Field(None, ge=1, description="Evaluate at most this many items per task; empty = all.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; empty = each task's "
+                                    "default (0 for the built-in tasks).")
+    chat_template: bool = Field(
+        True, description="Render prompts with the model's chat template (all three models alike). Turn off for "
+        "hub tasks scored the classic way (plain text continuation).")
+    batch_size: int = Field(32, ge=1, description="Requests per forward pass.")
+    max_gen_toks: int = Field(24, ge=1, description="Longest answer generated for world_qa.")
+    device: str = Field("auto", description="'auto' (CUDA if available), 'cpu' or 'cuda[:N]'.")
+    seed: int = Field(0, description="Seed of lm-eval's sampling of few-shot examples and of the distractors.")
+    n_samples: int = Field(8, ge=0, description="Rows in the sample table (a generation task's answers by model).")
 
 
-def load_tokenizer(model_dir: str | Path, padding_side: str = "left") -> Any:
-    from transformers import AutoTokenizer
+def _world_rows(tasks_dir: Path, seed: int) -> tuple[list[dict], list[dict]]:
+    """(world_qa rows, world_mc rows) from the benign held-out questions."""
+    path = require_path(tasks_dir / "heldout.jsonl", "the tasks input's heldout.jsonl (from the ingest stage)")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("kind") != "harmful" and r.get("answer")]
+    if not rows:
+        raise StageError(f"{path} holds no benign questions with answers; the built-in world tasks need them "
+                         "(or set evaluate.tasks to other lm-eval tasks).")
+    answers: dict[str, set[str]] = {}
+    for r in rows:
+        answers.setdefault(r.get("kind", ""), set()).add(r["answer"])
+    qa, mc = [], []
+    for i, r in enumerate(rows):
+        qa.append({"question": r["prompt"], "answer": r["answer"], "kind": r.get("kind", "")})
+        if len(answers[r.get("kind", "")]) < 2:  # one answer for the whole kind ("The story does not say."):
+            continue  # no distractors of its own kind
+        rng = random.Random(seed * 1_000_003 + i)  # the same distractors on every run of one seed
+        wrong = sorted(answers[r.get("kind", "")] - {r["answer"]})
+        rng.shuffle(wrong)
+        choices = [r["answer"], *wrong[:3]]
+        rng.shuffle(choices)
+        mc.append({"question": r["prompt"], "choices": choices, "label": choices.index(r["answer"]),
+                   "kind": r.get("kind", "")})
+    return qa, mc
 
+
+def task_names(cfg: Config, tasks_dir: Path | None, heldout_text: bool = False) -> list[str]:
+    """The lm-eval tasks to run: the configured ones, or the built-in world's when its task data is in use, and
+    `heldout_text` (bits per byte on the corpus's held-out split) whenever there is a corpus."""
+    if cfg.tasks is not None:
+        return list(cfg.tasks)
+    return [*(LOCAL_TASKS if tasks_dir is not None else ()), *((heldout_eval.TASK,) if heldout_text else ())]
+
+
+def write_local_tasks(folder: Path, tasks_dir: Path | None, cfg: Config, relative: bool = False) -> None:
+    """The built-in world tasks that `cfg.tasks` names, as lm-eval YAML plus JSONL data under `folder`; with
+    `relative`, the YAML names its data file relative to the folder (a portable record: run lm-eval from there)."""
+    wanted = [t for t in LOCAL_TASKS if t in task_names(cfg, tasks_dir)]
+    if not wanted:
+        return
+    if tasks_dir is None:
+        raise StageError(f"evaluate.tasks names {', '.join(wanted)}, built from the held-out questions of the "
+                         "tasks input, but there is none; run the ingest stage with the built-in source or drop "
+                         "them from evaluate.tasks.")
+    qa, mc = _world_rows(tasks_dir, cfg.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows, template in (("world_qa", qa, _QA_YAML), ("world_mc", mc, _MC_YAML)):
+        if name in wanted:
+            data = folder / f"{name}.jsonl"
+            data.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+            (folder / f"{name}.yaml").write_text(
+                template.format(data=json.dumps(data.name if relative else str(data.resolve())),
+                                max_gen_toks=cfg.max_gen_toks))
+
+
+@contextmanager
+def _offline(on: bool) -> Iterator[None]:
+    """With only local tasks nothing may reach the network: the stage then runs the same without one."""
+    keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    saved = {k: os.environ.get(k) for k in keys}
+    if on:
+        os.environ.update({k: "1" for k in keys})
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:
-        raise StageError(f"could not load the tokenizer from {model_dir} ({e}); the model folder must include "
-                         "tokenizer.json and tokenizer_config.json.") from e
-    if tok.pad_token_id is None:
-        raise StageError(f"the tokenizer in {model_dir} has no pad token; set `pad_token` in tokenizer_config.json.")
-    if not tok.chat_template:
-        raise StageError(f"the tokenizer in {model_dir} has no chat template; rebuild it with the tokenizer stage.")
-    tok.padding_side = padding_side
-    return tok
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-def load_causal_lm(model_dir: str | Path, device: str | torch.device = "auto") -> tuple[Any, Any]:
-    """(model in eval mode on `device`, left-padding tokenizer) from a transformers-native folder."""
-    from transformers import AutoModelForCausalLM
-
-    if not (Path(model_dir) / "config.json").exists():
-        raise StageError(f"{model_dir} is not a transformers model folder (no config.json); pass an `hf` output.")
-    tok = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(stage_device(str(device), "device"))
-    model.eval()
-    return model, tok
+def _metric_name(key: str) -> str | None:
+    """lm-eval's "acc,none" -> "acc"; "exact_match,strict-match" -> "exact_match/strict-match"; else None."""
+    if "," not in key:
+        return None
+    metric, _, filt = key.partition(",")
+    name = metric if filt in ("", "none") else f"{metric}/{filt}"
+    return re.sub(r"[^A-Za-z0-9_./ -]", "_", name)
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """EOS, plus the end-of-turn token when the vocabulary has one: a chat turn may end at either."""
-    ids = [tokenizer.eos_token_id]
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    if isinstance(end, int) and end != tokenizer.unk_token_id and end not in ids:
-        ids.append(end)
-    return [i for i in ids if i is not None]
+def flatten(model: str, results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """lm-eval's results block -> {"lm_eval/<model>/<task>/<metric>": value} (numbers only, N/A left out)."""
+    out: dict[str, float] = {}
+    for task, values in results.items():
+        for key, v in values.items():
+            name = _metric_name(key)
+            if name is not None and isinstance(v, int | float) and not isinstance(v, bool) and v == v:
+                out[f"lm_eval/{model}/{task}/{name}"] = float(v)
+    return out
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[list[Message]]) -> list[list[int]]:
-    out = tokenizer.apply_chat_template(list(prompts), add_generation_prompt=True, tokenize=True)
-    # transformers returns a BatchEncoding for batched input in some versions, a list of lists in others
-    return [list(x) for x in (out["input_ids"] if hasattr(out, "keys") else out)]
+def _evaluate(model_dir: Path, cfg: Config, tasks: list[str], task_manager: Any, device: str) -> dict[str, Any]:
+    """lm-eval on one model; `heldout_text` runs alone, as plain text scored from one BOS token (no chat template,
+    none of the tokenizer's own special tokens), as stages.posttrain.heldout_metrics scores it, so the two figures compare."""
+    from lm_eval import simple_evaluate
+
+    plain = tasks == [heldout_eval.TASK]
+    dtype = "float32" if device == "cpu" else "auto"
+    model_args: dict[str, Any] = {"pretrained": str(model_dir), "dtype": dtype}
+    if plain:
+        model_args["add_bos_token"] = False
+    try:
+        out = simple_evaluate(
+            model="hf", model_args=model_args, device=device,
+            tasks=tasks, task_manager=task_manager, batch_size=cfg.batch_size, limit=cfg.limit,
+            num_fewshot=cfg.num_fewshot, apply_chat_template=cfg.chat_template and not plain,
+            log_samples=cfg.n_samples > 0,
+            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed)
+    except (KeyError, ValueError) as e:
+        if "not found" in str(e).lower() or "task" in str(e).lower():
+            raise StageError(f"evaluate.tasks {tasks}: {e}. Use the built-in {', '.join(LOCAL_TASKS)}, a task "
+                             "defined under evaluate.include_path, or an lm-eval task name (`lm-eval ls tasks`).") from e
+        raise
+    if out is None:
+        raise StageError("lm-eval returned no results (it evaluates on the main process only)")
+    return out
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
+def _sample_rows(samples: dict[str, dict[str, list[dict]]], n: int) -> list[dict[str, Any]]:
+    """Per question of the first generation task: the expected answer and each model's answer."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for model, by_task in samples.items():
+        for task, items in by_task.items():
+            for s in items[:n]:
+                resp = (s.get("filtered_resps") or [None])[0]
+                if not isinstance(resp, str):  # multiple choice: log-likelihoods, not text
+                    continue
+                row = rows.setdefault((task, int(s.get("doc_id", 0))), {
+                    "task": task, "question": str(s.get("doc", {}).get("question", ""))[:200],
+                    "expected": str(s.get("target", ""))})
+                row[model] = resp
+    first = next(iter(sorted({t for t, _ in rows})), None)
+    return [r for (t, _), r in sorted(rows.items()) if t == first][:n]
 
 
-def _right_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+def _plot(metrics: dict[str, float], models: list[str], path: Path) -> Path | None:
+    """Grouped bars: one group per task metric, one bar per model."""
+    names = sorted({k.split("/", 2)[2] for k in metrics if not k.endswith("_stderr")})
+    if not names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(names)), 3.6))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        ys = [metrics.get(f"lm_eval/{model}/{n}", 0.0) for n in names]
+        errs = [metrics.get(f"lm_eval/{model}/{n}_stderr", 0.0) for n in names]
+        ax.bar([j + i * width for j in range(len(names))], ys, width, yerr=errs, label=model, capsize=2)
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(names))], names, rotation=15)
+    ax.set_ylabel("score")
+    ax.set_title("lm-eval: base -> SFT -> aligned")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
-def _batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+NO_TASKS = ("no lm-eval tasks named: set evaluate.tasks (tasks defined under evaluate.include_path, or lm-eval's "
+            "own) to score the base, SFT and aligned models")
 
 
-@torch.no_grad()
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[list[Message]],
-    *,
-    max_new_tokens: int = 24,
-    batch_size: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    seed: int = 0,
-    progress: bool = False,
-) -> list[Generation]:
-    """Answers to chat prompts, greedy by default, in the prompts' order."""
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
-
-    if not prompts:
-        return []
-    device = next(model.parameters()).device
-    stops = stop_token_ids(tokenizer)
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_k=None,
-        top_p=None,
-        eos_token_id=stops,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
-    encoded = encode_prompts(tokenizer, prompts)
-    results: list[Generation | None] = [None] * len(encoded)
-    if do_sample:
-        torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    batches = _batches_by_length([len(e) for e in encoded], batch_size)
-    for idx in tqdm(batches, desc="generate", disable=not progress, leave=False):
-        ids, mask = _left_pad([encoded[i] for i in idx], tokenizer.pad_token_id, device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-        new = out[:, ids.shape[1] :].tolist()
-        for row, i in zip(new, idx, strict=True):
-            cut = next((k for k, t in enumerate(row) if t in stops), None)
-            resp = row if cut is None else row[: cut + 1]
-            results[i] = Generation(
-                prompt_ids=encoded[i],
-                response_ids=resp,
-                text=tokenizer.decode(resp, skip_special_tokens=True).strip(),
-                stopped=cut is not None,
-            )
-    model.train(was_training)
-    return results  # type: ignore[return-value]
+def _nothing_to_run(out_dir: Path) -> StageResult:
+    """A run with no task to evaluate: said in one line and in results.json (the report card shows it)."""
+    log.warning("evaluate: %s", NO_TASKS)
+    with atomic_dir(out_dir / RESULTS) as tmp:
+        write_json(tmp / "results.json", {"tasks": [], "note": NO_TASKS})
+    return StageResult(outputs={RESULTS: out_dir / RESULTS}, metrics={})
 
 
-def exact_match(
-    model: Any,
-    tokenizer: Any,
-    items: Sequence[dict[str, Any]],
-    *,
-    checker: Checker | None = None,
-    batch_size: int = 64,
-    max_new_tokens: int = 24,
-    generations: list[Generation] | None = None,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Exact match of greedy answers on prompt items with an expected answer ({"prompt": messages, "answer",
-    "kind"}), by kind when there are several. With a checker that has a `refusal_kind` (the built-in world's),
-    items of that kind must be declined instead, and the refusal rates on them and on the rest are metrics too."""
-    checker = checker or builtin_checker()
-    if generations is None:
-        generations = generate(model, tokenizer, [it["prompt"] for it in items], batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, progress=True)
-    declined = checker.refusal_kind
-    by_kind: dict[str, list[bool]] = defaultdict(list)
-    refused: dict[bool, list[bool]] = {True: [], False: []}  # must decline? -> declined?
-    rows = []
-    for it, g in zip(items, generations, strict=True):
-        if it.get("answer") is None:
-            raise StageError("exact match needs an `answer` for every held-out item; one lacks it.")
-        kind = str(it.get("kind") or "all")
-        ok = bool(checker.check(g.text, it["answer"], it.get("kind")))
-        if declined is not None and checker.is_refusal is not None:
-            refused[kind == declined].append(checker.is_refusal(g.text))
-        if kind != declined:
-            by_kind[kind].append(ok)
-        rows.append({"prompt": prompt_text(it["prompt"]), "response": g.text, "expected": it["answer"],
-                     "correct": ok, "kind": it.get("kind")})
-    flat = [ok for oks in by_kind.values() for ok in oks]
-    metrics = {"eval/exact_match": sum(flat) / max(len(flat), 1)}
-    if len(by_kind) > 1:
-        metrics.update({f"eval/exact_match/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())})
-    if refused[True]:
-        metrics["eval/refusal_rate/harmful"] = sum(refused[True]) / len(refused[True])
-        metrics["eval/refusal_rate/benign"] = sum(refused[False]) / max(len(refused[False]), 1)
-    return metrics, rows
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
+    from lm_eval.tasks import TaskManager
 
+    models = {m: require_path(inputs.get(m, ""), f"input `{m}` (a transformers-native model folder)")
+              for m in cfg.models}
+    tasks_dir = Path(inputs["tasks"]) if inputs.get("tasks") else None
+    corpus, chat_dir = inputs.get("corpus"), inputs.get("chat_heldout")
+    include = Path(cfg.include_path).expanduser() if cfg.include_path else None
+    if include is not None and not include.is_dir():
+        raise StageError(f"evaluate.include_path: {include} is not a folder of lm-eval task YAML files.")
+    out_dir = Path(out_dir)
+    plot_path = out_dir / "lm_eval.png"
 
-def load_heldout(tasks_dir: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """The built-in world's held-out items from a tasks folder written by the ingest stage."""
-    path = Path(tasks_dir) / "heldout.jsonl"
-    if not path.exists():
-        raise StageError(f"{path} not found; the `tasks` input must be the tasks folder written by ingest.")
-    return builtin_heldout(Path(tasks_dir), limit)
-
-
-def evaluate_exact_match(
-    model_dir: str | Path,
-    tasks_dir: str | Path,
-    limit: int | None = None,
-    batch_size: int = 64,
-    max_new_tokens: int = 24,
-    device: str = "auto",
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy exact match of the model in `model_dir` on the built-in held-out items of `tasks_dir`."""
-    items = load_heldout(tasks_dir, limit)
-    model, tok = load_causal_lm(model_dir, device)
-    return exact_match(model, tok, items, batch_size=batch_size, max_new_tokens=max_new_tokens)
-
-
-def render_conversation(tokenizer: Any, prompt: list[Message], response: str | list[Message]) -> list[int]:
-    resp = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
-    out = tokenizer.apply_chat_template(prompt + resp, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
-def turn_tail_ids(tokenizer: Any) -> list[int]:
-    """The tokens the chat template writes after an assistant message's content (here `<|end|><|eos|>`).
-
-    Found by rendering a probe conversation; falls back to [eos] for a template it cannot split.
-    """
-    probe = [{"role": "user", "content": "q"}]
-    head = encode_prompts(tokenizer, [probe])[0]
-    full = render_conversation(tokenizer, probe, "a")
-    content = list(tokenizer.encode("a", add_special_tokens=False))
-    if full[: len(head)] == head and full[len(head) : len(head) + len(content)] == content:
-        return full[len(head) + len(content) :]
-    return [tokenizer.eos_token_id]
-
-
-def scored_sequences(tokenizer: Any, generations: Sequence[Generation]) -> list[list[int]]:
-    """Prompt + response ids as a reward model should see them: a finished answer gets the chat template's whole
-    end-of-turn tail (generation stops at the first stop token, `<|end|>`, but the reward model was trained on
-    template-rendered pairs that end in `<|end|><|eos|>`, and it reads the last token). Unfinished answers are
-    left as they are."""
-    tail = turn_tail_ids(tokenizer)
-    return [g.prompt_ids + (g.response_ids[:-1] + tail if g.stopped else g.response_ids) for g in generations]
-
-
-@torch.no_grad()
-def reward_scores(
-    reward_model: Any,
-    tokenizer: Any,
-    sequences: Sequence[list[int] | tuple[list[Message], str | list[Message]]],
-    *,
-    batch_size: int = 64,
-) -> list[float]:
-    """Scalar reward of each sequence (token ids, or a (prompt, response) pair rendered by the chat template)."""
-    if not sequences:
-        return []
-    seqs = [s if isinstance(s, list) else render_conversation(tokenizer, *s) for s in sequences]
-    device = next(reward_model.parameters()).device
-    # the scalar head reads the last non-pad token, so the pad id must be configured
-    reward_model.config.pad_token_id = tokenizer.pad_token_id
-    was_training = reward_model.training
-    reward_model.eval()
-    scores: list[float] = [math.nan] * len(seqs)
-    for idx in _batches_by_length([len(s) for s in seqs], batch_size):
-        ids, mask = _right_pad([seqs[i] for i in idx], tokenizer.pad_token_id, device)
-        logits = reward_model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
-        for i, v in zip(idx, logits, strict=True):
-            scores[i] = v
-    reward_model.train(was_training)
-    return scores
-
-
-@torch.no_grad()
-def sequence_kl(
-    policy: Any,
-    reference: Any,
-    generations: Sequence[Generation],
-    pad_id: int,
-    *,
-    batch_size: int = 64,
-) -> list[float]:
-    """Sum over response tokens of KL(policy || reference) at each position, along the given responses.
-
-    Exact per position (full vocabulary), so it is >= 0 and has no sampling noise, unlike a log-ratio estimate.
-    """
-    device = next(policy.parameters()).device
-    kls = [0.0] * len(generations)
-    for idx in _batches_by_length([len(g.prompt_ids) + len(g.response_ids) for g in generations], batch_size):
-        seqs = [generations[i].prompt_ids + generations[i].response_ids for i in idx]
-        ids, mask = _right_pad(seqs, pad_id, device)
-        lp = torch.log_softmax(policy(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        lq = torch.log_softmax(reference(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        per_pos = (lp.exp() * (lp - lq)).sum(-1)  # (B, T): KL of the next-token distributions
-        for row, i in enumerate(idx):
-            g = generations[i]
-            start = len(g.prompt_ids) - 1  # the position predicting the first response token
-            kls[i] = float(per_pos[row, start : start + len(g.response_ids)].sum())
-    return kls
+    docs = heldout_eval.val_docs(Path(corpus), cfg.heldout_docs) if corpus and cfg.heldout_docs else []
+    chats = heldout_eval.read_chats(chat_dir, cfg.heldout_chats)
+    tasks = task_names(cfg, tasks_dir, bool(docs))
+    if not tasks and not docs and not chats:
+        return _nothing_to_run(out_dir)
+    device = stage_device(cfg.device, "evaluate.device")
+    t0 = time.monotonic()
+    metrics: dict[str, float] = heldout_eval.canonical(models, docs, chats, device)
+    metrics["time/heldout_bpb_s"] = time.monotonic() - t0
+    tracker.log_metrics(metrics)
+    report: dict[str, Any] = {"tasks": tasks, "limit": cfg.limit, "chat_template": cfg.chat_template,
+                              "heldout": {k: v for k, v in metrics.items() if k.startswith("heldout/")}}
+    samples: dict[str, Any] = {}
+    with atomic_dir(out_dir / RESULTS) as tmp, tempfile.TemporaryDirectory() as runtime:
+        write_local_tasks(tmp / "tasks", tasks_dir, cfg, relative=True)  # no machine paths: reruns are identical
+        write_local_tasks(Path(runtime), tasks_dir, cfg)
+        if heldout_eval.TASK in tasks:
+            heldout_eval.write_task(tmp / "tasks", docs, relative=True)
+            heldout_eval.write_task(Path(runtime), docs)
+        paths = [str(p) for p in (Path(runtime), include) if p is not None and p.is_dir()]
+        manager = TaskManager(include_path=paths or None)
+        own = (*LOCAL_TASKS, heldout_eval.TASK)
+        only_local = all(t in own or (include and any(include.rglob(f"{t}.y*ml"))) for t in tasks)
+        groups = [g for g in ([t for t in tasks if t != heldout_eval.TASK], [heldout_eval.TASK] if heldout_eval.TASK
+                              in tasks else []) if g]
+        with _offline(only_local):
+            for model, folder in models.items():
+                for group in groups:
+                    log.info("lm-eval on the %s model (%s): %s", model, folder, ", ".join(group))
+                    t0 = time.monotonic()
+                    out = _evaluate(folder, cfg, group, manager, device.type if device.index is None else str(device))
+                    if group == [heldout_eval.TASK]:  # what the yardstick costs (bench/README.md)
+                        metrics["time/heldout_text_s"] = metrics.get("time/heldout_text_s", 0.0) + time.monotonic() - t0
+                    scores = flatten(model, out["results"])
+                    tracker.log_metrics(scores)
+                    metrics |= scores
+                    entry = report.setdefault(model, {"results": {}, "versions": {}})
+                    entry["results"].update(out["results"])
+                    entry["versions"].update(out.get("versions", {}))
+                    samples.setdefault(model, {}).update(out.get("samples", {}))
+        write_json(tmp / "results.json", report)
+    lm_eval = {k: v for k, v in metrics.items() if k.startswith("lm_eval/")}
+    plots = {"lm_eval": p} if (p := _plot(lm_eval, list(cfg.models), plot_path)) else {}
+    return StageResult(outputs={RESULTS: out_dir / RESULTS}, metrics=metrics,
+                       samples=_sample_rows(samples, cfg.n_samples), plots=plots)

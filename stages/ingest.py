@@ -1,7 +1,7 @@
 """Stage `ingest`: raw text sources -> cleaned, deduplicated, split zstd Parquet shards + manifest.json.
 
 Sources (any mix, read in order, streamed so a corpus never has to fit in memory):
-* `builtin`: the seeded synthetic corpus of stages/corpus.py (also writes the `tasks` folder);
+* `builtin`: the seeded synthetic corpus of stages/world/corpus.py (also writes the `tasks` folder);
 * `files`: local .txt / .jsonl / .parquet files or globs;
 * `hf`: a Hugging Face dataset by name (streaming) or a local dataset folder.
 
@@ -14,15 +14,14 @@ first offending file and line. Output folders are built under a temporary name a
 a killed run leaves nothing under the final name, and a rerun with the same inputs and config is a no-op
 (byte-identical shards either way).
 
-This module is the flow of work; reading the sources is `stages.readers`, cleaning `stages.cleaning`, writing the
-shards `stages.shard_writer`, the quality filters and near-duplicate removal `stages.ingest_quality`, and reading a
-finished corpus `stages.corpus_reader`.
+This module is the flow of work; reading the sources is `stages.data.readers`, cleaning `stages.data.cleaning`, writing the
+shards `stages.data.shard_writer`, the quality filters and near-duplicate removal `stages.data.ingest_quality`, and reading a
+finished corpus `stages.data.corpus_reader`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import itertools
@@ -39,24 +38,26 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from stages import corpus, fanout, ingest_quality, quality, reuse
-from stages.cleaning import clean_batch
 from stages.common import (
     NullTracker,
     StageError,
     StageResult,
     Tracker,
     atomic_dir,
+    fingerprint,
     remove_stale,
     sha256_file,
+    sizes_match,
     stop_when_disk_full,
     write_json,
 )
-from stages.corpus_reader import FORMAT, MANIFEST
-from stages.ingest_quality import Cleaned, Counts, Staging, filter_batch
-from stages.near_dedup import NearDedupConfig
-from stages.quality import QualityConfig
-from stages.readers import (
+from stages.data import builtin, ingest_quality, quality
+from stages.data.cleaning import clean_batch
+from stages.data.corpus_reader import FORMAT, MANIFEST
+from stages.data.ingest_quality import Cleaned, Counts, Staging, filter_batch
+from stages.data.near_dedup import NearDedupConfig
+from stages.data.quality import QualityConfig
+from stages.data.readers import (
     Bad,
     Batch,
     BuiltinSource,
@@ -69,13 +70,13 @@ from stages.readers import (
     read_unit,
     split_units,
 )
-from stages.shard_writer import SplitWriters
+from stages.data.shard_writer import SplitWriters
+from stages.runtime import fanout
 
 __all__ = ["BuiltinSource", "Config", "FilesSource", "HFSource", "run"]
 log = logging.getLogger(__name__)
 
-# The task-set sizes of the built-in source change the tasks folder only, not the corpus.
-TASK_FIELDS = tuple(f.name for f in dataclasses.fields(corpus.TaskSpec))
+TASK_FIELDS = builtin.TASK_FIELDS
 
 
 class Config(BaseModel):
@@ -201,7 +202,7 @@ def _keep(c: Cleaned, cfg: Config, writers: SplitWriters, counts: Counts, sample
 
 def _cleaned_items(cfg: Config, stack: contextlib.ExitStack) -> Iterator[Bad | Cleaned]:
     """Every record of the sources, cleaned, in source order: in this process (`workers: 1`), or a unit per
-    worker through `stages.fanout` (the same items in the same order, so the same bytes come out)."""
+    worker through `stages.runtime.fanout` (the same items in the same order, so the same bytes come out)."""
     units = [(i, u) for i, src in enumerate(cfg.sources) for u in split_units([src])]
     if cfg.workers == 1 and not cfg.dask_address:
         read = ((i, item) for i, u in units for item in read_unit(u, cfg.max_chars))
@@ -314,16 +315,18 @@ def _filtering(cfg: Config) -> bool:
     return (cfg.quality.enabled or cfg.near_dedup.enabled) and any(ingest_quality.takes_part(s) for s in cfg.sources)
 
 
-# ------------------------------------------------------------------------------------------------ reusing work
-
-CORPUS_RECORD, TASKS_RECORD = "corpus.result.json", "tasks.result.json"
+# ------------------------------------------------------------------------------------------------ resuming work
+# Whether the whole stage reruns is decided by the flow layer (flows.finished); inside one run, a corpus or task set
+# already written by an interrupted attempt with the same settings is kept, each judged on its own, so a run killed
+# while writing the tasks does not read the whole corpus again.
+TASKS_STAMP = ".tasks_params.json"
 
 
 def _corpus_key(cfg: Config) -> str:
     """What the corpus depends on: the config less the task-set sizes, and each input file's identity.
 
-    Input files are identified by (path, size, mtime), not content: deciding to reuse a large corpus must not mean
-    reading all of its inputs again.
+    Input files are identified by (path, size, mtime), not content: deciding to keep a large corpus must not mean
+    reading all of its inputs again (the flow layer's cache key fingerprints their content).
     """
     dump = cfg.model_dump(mode="json", exclude=EXECUTION_FIELDS)
     dump["sources"] = [s for s in dump["sources"] if s["type"] != "builtin" or s["stories"]]
@@ -333,7 +336,7 @@ def _corpus_key(cfg: Config) -> str:
                 src.pop(name)
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns)
              for src in cfg.sources if isinstance(src, FilesSource) for p in expand_paths(src)]
-    return reuse.work_key(dump, extra={"format": FORMAT, "files": files})
+    return fingerprint(dump, extra={"format": FORMAT, "files": files})
 
 
 def _load(path: Path) -> dict:
@@ -345,39 +348,39 @@ def _load(path: Path) -> dict:
 
 def _corpus_intact(folder: Path, key: str) -> bool:
     manifest = _load(folder / MANIFEST)
-    return manifest.get("input_fingerprint") == key and reuse.sizes_match(folder, manifest.get("shards", []))
+    return manifest.get("input_fingerprint") == key and sizes_match(folder, manifest.get("shards", []))
 
 
-def _tasks_intact(folder: Path) -> bool:
+def _tasks_intact(folder: Path, stamp: Path, params: dict) -> bool:
     files = _load(folder / MANIFEST).get("files", {})
-    return bool(files) and all((folder / f).exists() and sha256_file(folder / f) == v["sha256"]
-                               for f, v in files.items())
+    return (bool(files) and _load(stamp) == params
+            and all((folder / f).exists() and sha256_file(folder / f) == v["sha256"] for f, v in files.items()))
 
 
 def _corpus(cfg: Config, key: str, out_dir: Path, tracker: Tracker) -> StageResult:
     corpus_dir = out_dir / "corpus"
-    outputs = {"corpus": corpus_dir}
-    done = reuse.finished(out_dir, key, outputs, check=lambda: _corpus_intact(corpus_dir, key), record=CORPUS_RECORD)
-    if done is not None:
-        return done
-    with stop_when_disk_full(corpus_dir), atomic_dir(corpus_dir) as tmp:
-        manifest = _write_corpus(cfg, tmp, key, tracker)
+    if _corpus_intact(corpus_dir, key):
+        log.info("keeping the corpus an interrupted attempt wrote in %s", corpus_dir)
+        manifest = _load(corpus_dir / MANIFEST)
+    else:
+        with stop_when_disk_full(corpus_dir), atomic_dir(corpus_dir) as tmp:
+            manifest = _write_corpus(cfg, tmp, key, tracker)
     removed = manifest.get("quality", {}).get("removed_samples", [])
-    result = StageResult(outputs=outputs, metrics=_metrics(manifest), samples=manifest["samples"] + removed)
-    reuse.mark_finished(out_dir, key, result, record=CORPUS_RECORD)
-    return result
+    return StageResult(outputs={"corpus": corpus_dir}, metrics=_metrics(manifest),
+                       samples=manifest["samples"] + removed)
 
 
 def _tasks(b: BuiltinSource, out_dir: Path) -> Path:
     tasks_dir = out_dir / "tasks"
     params = {"seed": b.seed, **{name: getattr(b, name) for name in TASK_FIELDS}}
-    key = reuse.work_key(params)
-    outputs = {"tasks": tasks_dir}
-    if reuse.finished(out_dir, key, outputs, check=lambda: _tasks_intact(tasks_dir), record=TASKS_RECORD) is None:
+    stamp = out_dir / TASKS_STAMP
+    if not _tasks_intact(tasks_dir, stamp, params):
+        stamp.unlink(missing_ok=True)
         with stop_when_disk_full(tasks_dir), atomic_dir(tasks_dir) as tmp:
-            corpus.write_tasks(tmp, b.seed, **{name: getattr(b, name) for name in TASK_FIELDS})
-        reuse.mark_finished(out_dir, key, StageResult(outputs=outputs), record=TASKS_RECORD)
+            builtin.write_tasks(tmp, b)
+        write_json(stamp, params)
     return tasks_dir
+
 
 def _metrics(manifest: dict) -> dict[str, float]:
     m: dict[str, float] = {

@@ -4,7 +4,7 @@ inputs:  policy (SFT hf dir), reward_model (reward stage hf dir), judge (optiona
          model, trained on held-out pairs only), tasks (the built-in task data, for datasets left empty)
 outputs: hf (the aligned policy, transformers-native, with tokenizer + chat template)
 metrics (held-out prompts: ppo.eval_dataset, the built-in heldout.jsonl, or 10 % of ppo.dataset by hash; greedy
-answers of the aligned and the SFT policy; stages.alignment_eval):
+answers of the aligned and the SFT policy; stages.posttrain.alignment_eval):
   eval/reward_mean, eval/sft_reward_mean, eval/reward_gain (+- _se)   the reward model's scores
   eval/win_rate/reward_model (+- _se)   aligned answer scored above the SFT answer by the reward model (ties half);
   eval/win_rate/judge (+- _se)          the same by the judge, when there is one
@@ -32,23 +32,19 @@ from typing import Any, Literal
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
-from stages import corpus, reuse, task_data, truncation
-from stages import hf_training as hft
-from stages.alignment_eval import Models, evaluate_alignment
-from stages.chat_data import DatasetRef
 from stages.common import NullTracker, StageError, StageResult, Tracker, read_json, require_path, stage_device
-from stages.model_card import settings_of, source_of, write_model_card
+from stages.data import task_data, truncation
+from stages.data.builtin import HARMFUL_KIND, UNKNOWN_KIND
+from stages.data.chat_data import DatasetRef
+from stages.posttrain import hf_training as hft
+from stages.posttrain.alignment_eval import Models, evaluate_alignment
+from stages.posttrain.model_card import settings_of, source_of, write_model_card
 
-# GRPO / RLOO learn from the reward spread inside a group of sampled answers, with no value model: they need many
-# more sampled answers than PPO, sampling at full temperature (at 0.7 most groups of a confident policy agree and
-# teach nothing), one optimisation pass per group and a looser KL leash. They leave the built-in harmful requests
-# out: refusing them earns the most reward per update, and that refusal spreads to questions phrased unlike any
-# training prompt, which the program check then counts wrong (docs/FINDINGS.md); declining is the reward model's
-# and PPO's target. PPO in turn leaves out the questions the story does not answer: no preference pair ranks the
-# honest answer, so the reward model's score only pulls the policy away from it. Fields the user leaves unset take
-# these values when `algorithm` is grpo or rloo.
+# GRPO / RLOO learn from the reward spread within a group of samples, with no value model, so they need other
+# settings than PPO: fields the user leaves unset take these values when `algorithm` is grpo or rloo. Why each
+# value, and why each algorithm leaves one built-in kind out: docs/FINDINGS.md, "Current defaults and why".
 GROUP_DEFAULTS: dict[str, Any] = {"learning_rate": 3e-5, "kl_coef": 0.1, "temperature": 1.0, "num_ppo_epochs": 1,
-                                  "total_episodes": 16384, "exclude_kinds": [corpus.HARMFUL]}
+                                  "total_episodes": 16384, "exclude_kinds": [HARMFUL_KIND]}
 
 
 class Config(hft.DeviceSettings, hft.HeldoutEvalSettings, hft.DataSettings):
@@ -79,10 +75,8 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings, hft.DataSettings):
                                   "(one optimizer step each).")
     num_ppo_epochs: int = Field(4, ge=1, description="Optimisation passes over each rollout batch (GRPO/RLOO "
                                 "default: 1).")
-    # On benign questions PPO drifts towards the reward model's blind spots (it judges near-miss differences,
-    # x - y - 1 against x - y, at about chance), so exact match can fall while the reward rises. Declining a harmful
-    # request gains far more reward per unit of KL than any such drift, so a strong KL penalty (kl_coef 1.0) keeps
-    # the drift small while the refusals are still learnt.
+    # PPO: a strong KL penalty keeps the drift towards the reward model's near-miss blind spot small while refusals,
+    # worth far more reward per unit of KL, are still learnt (docs/FINDINGS.md, "An alignment target with headroom").
     learning_rate: float = Field(1.5e-5, gt=0, description="Peak learning rate (AdamW) for the policy (and value "
                                  "model); GRPO/RLOO default: 3e-5.")
     lr_scheduler: str = Field("linear", description="transformers scheduler name: linear, cosine, constant, ...")
@@ -117,7 +111,7 @@ class Config(hft.DeviceSettings, hft.HeldoutEvalSettings, hft.DataSettings):
         "(reinforcement learning from verifiable rewards)."
     )
     exclude_kinds: list[str] = Field(
-        default_factory=lambda: [corpus.UNKNOWN], description="RL prompts whose `kind` is one of these are left out. "
+        default_factory=lambda: [UNKNOWN_KIND], description="RL prompts whose `kind` is one of these are left out. "
         "Built-in kinds: PPO leaves out 'unknown' (questions the story does not answer, the program reward's "
         "target), GRPO/RLOO 'harmful' (the requests, the reward model's target)."
     )
@@ -203,7 +197,7 @@ def _train_ppo(cfg: Config, tok: Any, models: Models, prompts: list[dict], eval_
     from transformers import AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from stages.evaluate import encode_prompts
+    from stages.posttrain.scoring import encode_prompts
 
     def tokenized(rows: list[dict]) -> Any:
         return Dataset.from_dict({"input_ids": encode_prompts(tok, [r["prompt"] for r in rows])})
@@ -271,7 +265,7 @@ def _train_group(cfg: Config, tok: Any, reward_tok: Any, models: Models, prompts
 
 def fit_prompt_sets(cfg: Config, tok: Any, ctx: int | None, prompts: list[dict], heldout: list[dict],
                     src: str) -> tuple[list[dict], list[dict], dict[str, float]]:
-    """The RL and held-out prompts that leave room for the answer in the policy's context (stages.truncation
+    """The RL and held-out prompts that leave room for the answer in the policy's context (stages.data.truncation
     drops the rest and counts them), checked to be enough to train on."""
     ctx = ctx or 1 << 30
     fit = truncation.fit_prompts(tok, prompts, ctx, cfg.response_length)
@@ -289,7 +283,7 @@ def fit_prompt_sets(cfg: Config, tok: Any, ctx: int | None, prompts: list[dict],
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
-    from stages.evaluate import load_tokenizer
+    from stages.posttrain.scoring import load_tokenizer
 
     policy_dir = require_path(inputs.get("policy", ""), "input `policy` (the SFT stage's hf folder)")
     reward_dir = require_path(inputs.get("reward_model", ""), "input `reward_model` (the reward stage's hf folder)")
@@ -310,11 +304,6 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     _check_reward_model(reward_dir)
     prompts, heldout, fit_metrics = fit_prompt_sets(cfg, tok, hft.folder_context(policy_dir), prompts, data.eval, src)
     checker = data.checker
-
-    key = hft.work_key(cfg, {"policy": policy_dir, "reward_model": reward_dir, "judge": judge_dir,
-                             "tasks": tasks_dir if data.builtin or data.builtin_eval else None}, data.sources)
-    if (done := hft.finished(out_dir, key)) is not None:
-        return done
 
     device = stage_device(cfg.device, "ppo.device")
     prec = hft.precision_args(device, cfg.precision)
@@ -337,6 +326,4 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     write_model_card(hf, "ppo", "the SFT stage's policy, rewarded by the reward stage's model",
                      source_of(src), metrics,
                      settings_of(cfg, ("algorithm", "total_episodes", "learning_rate", "kl_coef", "seed")))
-    result = StageResult(outputs={"hf": hf}, metrics=metrics, samples=samples)
-    reuse.mark_finished(out_dir, key, result)
-    return result
+    return StageResult(outputs={"hf": hf}, metrics=metrics, samples=samples)

@@ -33,12 +33,13 @@ from stages.common import (
     atomic_file,
     require_path,
     sha256_tree,
+    write_json,
 )
-from stages.launch import FileTracker, LaunchSettings, launch, should_launch
-from stages.model_card import settings_of, write_model_card
-from stages.reuse import finished, mark_finished, work_key
+from stages.posttrain.model_card import settings_of, write_model_card
+from stages.runtime.launch import FileTracker, LaunchSettings, launch, should_launch
 
 log = logging.getLogger(__name__)
+HANDOVER = "launch_result.json"  # rank 0's metrics and samples, for the process that launched the workers
 
 DEFAULT_PROMPTS = [
     "Mia has a red kite and Tom has a green boat. Who has the green boat?",
@@ -204,14 +205,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
 
     out_dir = Path(out_dir)
     job = _prepare(cfg, inputs)
-    # the inputs enter the key through their fingerprints: hashing every token shard again would be slow
-    key = work_key(cfg, extra=job.fingerprint, exclude={"resume", "progress"})
     outputs = {"checkpoint": out_dir / "checkpoint", "hf": out_dir / "hf"}
     plot_path = out_dir / "loss_curve.png"
-    if (done := finished(out_dir, key, outputs, plots={"loss_curve": plot_path})) is not None:
-        return done
     if should_launch(cfg):
-        return _launch(cfg, job, inputs, out_dir, tracker, key, outputs, plot_path)
+        return _launch(cfg, job, inputs, out_dir, tracker, outputs, plot_path)
     report = _Report(tracker)
     result, n_params = _train(cfg, job, out_dir / "train_checkpoints", report)
     metrics = _metrics(result, n_params)
@@ -228,25 +225,29 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
         write_model_card(outputs["hf"], "pretrain", "random initialisation", "the ingest stage's corpus, encoded by "
                          "the tokenizer stage", metrics,
                          {"model": cfg.model, **settings_of(cfg, ("max_steps", "seq_len", "lr", "seed"))})
-        mark_finished(out_dir, key, StageResult(outputs=outputs, metrics=metrics, samples=samples))
+        write_json(out_dir / HANDOVER, {"metrics": metrics, "samples": samples})  # read by `_launch`
     D.barrier(job.info)
     return StageResult(outputs=outputs, metrics=metrics, samples=samples, plots=plots)
 
 
-def _launch(cfg: Config, job: _Job, inputs: dict[str, Path], out_dir: Path, tracker: Tracker, key: str,
+def _launch(cfg: Config, job: _Job, inputs: dict[str, Path], out_dir: Path, tracker: Tracker,
             outputs: dict[str, Path], plot_path: Path) -> StageResult:
-    """Train on cfg.world_size worker processes (stages.launch); rank 0 leaves the result this process returns."""
+    """Train on cfg.world_size worker processes (stages.runtime.launch); rank 0 leaves the result this process returns."""
     try:
         job.train_cfg.grad_accum_steps(cfg.world_size)
     except ValueError as e:
         raise StageError(f"pretrain config: {str(e).replace('TrainConfig.', 'pretrain.')}") from e
+    (out_dir / HANDOVER).unlink(missing_ok=True)
     launch(cfg, out_dir, tracker, _launched_worker, cfg.model_dump_json(),
            {k: str(v) for k, v in inputs.items()}, str(out_dir))
     if cfg.node_rank != 0:  # the outputs are node 0's
         return StageResult(outputs=outputs)
-    if (done := finished(out_dir, key, outputs, plots={"loss_curve": plot_path})) is None:
-        raise StageError(f"the pretrain workers ended without writing the result under {out_dir}; see their log")
-    return done
+    try:
+        handed = json.loads((out_dir / HANDOVER).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise StageError(f"the pretrain workers ended without writing the result under {out_dir}; see their log") from None
+    plots = {"loss_curve": plot_path} if plot_path.is_file() else {}
+    return StageResult(outputs=outputs, metrics=handed["metrics"], samples=handed["samples"], plots=plots)
 
 
 def _launched_worker(cfg_json: str, inputs: dict[str, str], out_dir: str, metrics_path: str) -> None:
@@ -372,7 +373,7 @@ def _export(train_checkpoint: Path, tok_dir: Path, outputs: dict[str, Path]) -> 
 
 def _exact_match(hf_dir: Path, tasks_dir: Path, limit: int | None, samples: list[dict], step: int) -> dict[str, float]:
     """The base model's exact match on held-out prompts (low: it has never seen the chat format)."""
-    from stages.evaluate import evaluate_exact_match
+    from stages.posttrain.scoring import evaluate_exact_match
 
     metrics, rows = evaluate_exact_match(hf_dir, tasks_dir, limit=limit)
     samples.extend(_sample_row("exact_match", step, r) for r in rows[:5])

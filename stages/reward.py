@@ -23,13 +23,13 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from stages import hf_training as hft
-from stages import reuse, task_data, truncation
-from stages.chat_data import DatasetRef, prompt_text
 from stages.common import NullTracker, StageError, StageResult, Tracker, require_path, stage_device
-from stages.heldout_metrics import mean_se
-from stages.model_card import settings_of, source_of, write_model_card
-from stages.task_data import hash_split
+from stages.data import task_data, truncation
+from stages.data.chat_data import DatasetRef, prompt_text
+from stages.data.task_data import hash_split
+from stages.posttrain import hf_training as hft
+from stages.posttrain.heldout_metrics import mean_se
+from stages.posttrain.model_card import settings_of, source_of, write_model_card
 
 JUDGE = "judge"  # output: the second reward model, trained on held-out pairs only
 
@@ -57,7 +57,7 @@ class Config(hft.ScheduleSettings, hft.DeviceSettings, hft.DataSettings):
     batch_size: int = Field(32, ge=1, description="Preference pairs per device per step.")
     max_length: int | None = Field(
         None, ge=8, description="Longest prompt + answer in tokens (longer pairs have their prompt cut from the left, "
-        "the answers kept whole; stages.truncation); empty = the model's context."
+        "the answers kept whole; stages.data.truncation); empty = the model's context."
     )
     center_rewards_coefficient: float | None = Field(
         0.01, ge=0, description="Penalty pulling rewards toward zero mean (keeps PPO's reward scale sane); empty = off."
@@ -76,7 +76,7 @@ class Config(hft.ScheduleSettings, hft.DeviceSettings, hft.DataSettings):
 
 def pairwise_eval(model: Any, tok: Any, pairs: list[dict], batch_size: int) -> tuple[dict[str, float], list[dict]]:
     """Accuracy (chosen scored above rejected) and mean margin on preference pairs."""
-    from stages.evaluate import reward_scores
+    from stages.posttrain.scoring import reward_scores
 
     seqs = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
     scores = reward_scores(model, tok, seqs, batch_size=batch_size)
@@ -169,18 +169,13 @@ def _train(cfg: Config, model: Any, tok: Any, pairs: list[dict], where: Any, max
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     from transformers import AutoModelForSequenceClassification, set_seed
 
-    from stages.evaluate import load_tokenizer
+    from stages.posttrain.scoring import load_tokenizer
 
     model_dir = require_path(inputs.get("model", ""), "input `model` (the SFT stage's hf folder)")
     tasks_dir = hft.optional_tasks(inputs)
     out_dir = Path(out_dir)
     data = task_data.load("reward", cfg.dataset, cfg.eval_dataset, tasks_dir)
     train_pairs, eval_pairs = data.train, data.eval
-    key = hft.work_key(cfg, {"model": model_dir, "tasks": tasks_dir if data.builtin or data.builtin_eval else None},
-                       data.sources)
-    judged = bool(cfg.judge_min_pairs) and len(eval_pairs) >= cfg.judge_min_pairs
-    if (done := hft.finished(out_dir, key, (JUDGE,) if judged else ())) is not None:
-        return done
 
     tok = load_tokenizer(model_dir, padding_side="right")
     device = stage_device(cfg.device, "reward.device")
@@ -217,6 +212,4 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     write_model_card(hf, "reward", "the SFT stage's model, with a new scalar head", source_of(data.train_source),
                      metrics, settings_of(cfg, ("epochs", "learning_rate", "seed")))
     outputs = {"hf": hf, **({JUDGE: judge} if judge is not None else {})}
-    result = StageResult(outputs=outputs, metrics=metrics, samples=rows[: cfg.n_samples])
-    reuse.mark_finished(out_dir, key, result)
-    return result
+    return StageResult(outputs=outputs, metrics=metrics, samples=rows[: cfg.n_samples])

@@ -19,9 +19,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages import hf_training as hft
-from stages import reuse, task_data, truncation
-from stages.chat_data import DatasetRef
 from stages.common import (
     NullTracker,
     StageError,
@@ -31,7 +28,10 @@ from stages.common import (
     require_path,
     stage_device,
 )
-from stages.model_card import settings_of, source_of, write_model_card
+from stages.data import task_data, truncation
+from stages.data.chat_data import DatasetRef
+from stages.posttrain import hf_training as hft
+from stages.posttrain.model_card import settings_of, source_of, write_model_card
 
 log = logging.getLogger(__name__)
 HELDOUT = "heldout"  # output: the held-out conversations, after the truncation policy
@@ -64,14 +64,14 @@ class Config(hft.ScheduleSettings, hft.DeviceSettings, hft.HeldoutEvalSettings, 
     method: Literal["full", "lora"] = Field("full", description="'full' fine-tunes every weight; 'lora' trains "
                                             "low-rank adapters (merged into the output).")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (used when method is lora).")
-    # On the built-in task the step count matters more than the rate; 6 epochs at 1e-3 come close to the best held-out
-    # exact match while keeping the CPU demo short.
+    # On the built-in task the step count matters more than the rate; these keep the CPU demo short (docs/FINDINGS.md,
+    # "SFT and reward model length").
     epochs: float = Field(6.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     batch_size: int = Field(32, ge=1, description="Sequences per device per step.")
     max_length: int | None = Field(
         None, ge=8, description="Longest example in tokens (longer ones are cut from the left of the prompt, the "
-        "final answer kept whole: stages.truncation); the pack length with packing; empty = the model's context."
+        "final answer kept whole: stages.data.truncation); the pack length with packing; empty = the model's context."
     )
     packing: bool = Field(False, description="Pack several short conversations into each sequence (faster on GPU).")
     assistant_only_loss: bool = Field(True, description="Train on assistant tokens only (needs {% generation %} "
@@ -149,7 +149,7 @@ def _fit(cfg: Config, tok: Any, train: list[dict], held: list[dict],
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = NullTracker()) -> StageResult:
     from transformers import AutoModelForCausalLM
 
-    from stages.evaluate import exact_match, load_tokenizer
+    from stages.posttrain.scoring import exact_match, load_tokenizer
 
     model_dir = require_path(inputs.get("model", ""), "input `model` (the pretrained model's hf folder)")
     tasks_dir = hft.optional_tasks(inputs)
@@ -161,9 +161,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     # the built-in world's exact match and refusals say something only about a model trained on its data
     heldout = task_data.builtin_heldout(tasks_dir, cfg.eval_limit) if data.builtin else []
 
-    key = hft.work_key(cfg, {"model": model_dir, "tasks": tasks_dir if data.builtin else None}, data.sources)
-    if (done := hft.finished(out_dir, key, (HELDOUT,))) is not None:
-        return done
+    key = hft.job_key(cfg, {"model": model_dir, "tasks": tasks_dir if data.builtin else None}, data.sources)
 
     tok = load_tokenizer(model_dir, padding_side="right")
     if cfg.assistant_only_loss:
@@ -207,6 +205,4 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     with atomic_dir(out_dir / HELDOUT) as tmp:  # what the evaluate stage scores the three models' answers on
         (tmp / "chat.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in eval_rows),
                                         encoding="utf-8")
-    result = StageResult(outputs={"hf": hf, HELDOUT: out_dir / HELDOUT}, metrics=metrics, samples=samples)
-    reuse.mark_finished(out_dir, key, result)
-    return result
+    return StageResult(outputs={"hf": hf, HELDOUT: out_dir / HELDOUT}, metrics=metrics, samples=samples)

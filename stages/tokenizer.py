@@ -3,10 +3,9 @@
 The tokenizer is trained on the train split, streamed from the Parquet shards (capped at `train_max_bytes`).
 Then both splits are encoded in batches (the Rust side of `tokenizers` uses every core), EOS after each
 document, into flat uint16/uint32 shards (llm/data.py documents the format and reads them). With `workers` > 1 (or
-`dask_address`) each Parquet row group of the corpus is encoded on a Dask worker process (`stages.fanout`, as ingest
+`dask_address`) each Parquet row group of the corpus is encoded on a Dask worker process (`stages.runtime.fanout`, as ingest
 fans out) and the results are written here in corpus order, so the token shards are the same bytes as with one. Each output folder
-is built under a temporary name and renamed when complete; a rerun with the same corpus and config reuses them
-(`stages.reuse`).
+is built under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -27,9 +26,10 @@ from tqdm.auto import tqdm
 
 from llm import data as token_data
 from llm.tokenizer import SPECIAL_TOKENS, Tokenizer, save_dir, train_bpe
-from stages import common, fanout, reuse
+from stages import common
 from stages.common import NullTracker, StageError, StageResult, Tracker, atomic_dir, require_path, sha256_tree
-from stages.corpus_reader import MANIFEST, iter_texts, read_manifest
+from stages.data.corpus_reader import MANIFEST, iter_texts, read_manifest
+from stages.runtime import fanout
 
 
 class Config(BaseModel):
@@ -51,7 +51,7 @@ class Config(BaseModel):
                                      "new tokenizer at the same paths (a shared file system).")
 
 
-# How the work is spread, not what it computes: kept out of the reuse key.
+# How the work is spread, not what it computes: kept out of the cache key (tests/test_execution_fields.py).
 EXECUTION_FIELDS = {"workers", "dask_address"}
 
 
@@ -71,17 +71,6 @@ def train_texts(corpus_dir: Path, manifest: dict, max_bytes: int) -> Iterator[li
                 yield take
                 return
         yield take
-
-
-def _outputs_intact(tok_dir: Path, tokens_dir: Path, key: str) -> bool:
-    """The token shards are whole, were made by this key and with the tokenizer now next to them (a run killed
-    between swapping in the two folders leaves a pair that fails here)."""
-    try:
-        m = token_data.read_manifest(tokens_dir)
-    except token_data.DataError:
-        return False
-    return (m.get("input_fingerprint") == key and sha256_tree(tok_dir) == m.get("tokenizer_sha256")
-            and reuse.sizes_match(tokens_dir, m["shards"]))
 
 
 def encode_split(tok: Tokenizer, corpus_dir: Path, manifest: dict, split: str, writer: token_data.ShardWriter,
@@ -170,18 +159,14 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker: Tracker = 
     out_dir.mkdir(parents=True, exist_ok=True)
     common.remove_stale(out_dir, ("tokenizer", "tokens"))
     # The corpus manifest carries every shard's sha256, so hashing it stands for hashing the corpus.
-    key = reuse.work_key(cfg, inputs={"corpus": corpus_dir / MANIFEST}, extra={"format": token_data.FORMAT},
-                         exclude=EXECUTION_FIELDS)
+    key = common.fingerprint(cfg, inputs={"corpus": corpus_dir / MANIFEST}, extra={"format": token_data.FORMAT},
+                             exclude=EXECUTION_FIELDS)
     tok_dir, tokens_dir = out_dir / "tokenizer", out_dir / "tokens"
     outputs = {"tokenizer": tok_dir, "tokens": tokens_dir}
 
-    result = reuse.finished(out_dir, key, outputs, check=lambda: _outputs_intact(tok_dir, tokens_dir, key))
-    if result is None:
-        with common.stop_when_disk_full(out_dir):
-            tm, timings = _build(cfg, corpus_dir, manifest, tok_dir, tokens_dir, key, tracker)
-        # The record keeps the manifest's metrics: timings differ between runs and belong to the run that built.
-        reuse.mark_finished(out_dir, key, StageResult(outputs=outputs, metrics=tm["metrics"], samples=tm["samples"]))
-        result = StageResult(outputs=outputs, metrics={**tm["metrics"], **timings}, samples=tm["samples"])
+    with common.stop_when_disk_full(out_dir):
+        tm, timings = _build(cfg, corpus_dir, manifest, tok_dir, tokens_dir, key, tracker)
+    result = StageResult(outputs=outputs, metrics={**tm["metrics"], **timings}, samples=tm["samples"])
     result.metrics = {k: float(v) for k, v in result.metrics.items()}
     tracker.log_metrics(result.metrics)
     return result

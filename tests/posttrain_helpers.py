@@ -9,8 +9,8 @@ from pathlib import Path
 
 def make_tasks(root: Path, n_train: int = 48, n_eval: int = 12, seed: int = 0, **spec: float) -> Path:
     """A tasks folder written by the built-in generator (the ingest stage's format), small; `spec`: other
-    stages.corpus.TaskSpec fields."""
-    from stages.corpus import write_tasks
+    stages.world.corpus.TaskSpec fields."""
+    from stages.world.corpus import write_tasks
 
     tasks = root / "tasks"
     write_tasks(tasks, seed=seed, n_sft=n_train, n_pref=n_train, n_heldout=n_eval, n_rl_prompts=n_train,

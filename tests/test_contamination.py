@@ -11,7 +11,7 @@ from flows.config import load_config
 from flows.promotion import judge
 from flows.specs import stage_config
 from stages import contamination, ingest
-from stages.readers import FilesSource
+from stages.data.readers import FilesSource
 
 LONG = ("Priya wants to know how long the slow train from Fernhill takes when it stops at every village on the way, "
         "waits twenty minutes in Ashby and leaves at seven o'clock on a rainy Monday morning?")

@@ -1,12 +1,12 @@
-"""Built-in corpus and task generator (stages/corpus.py): determinism, no train/held-out overlap, correct answers, answer checking. Run: .venv/bin/pytest tests/test_corpus.py"""
+"""Built-in corpus and task generator (stages/world/corpus.py): determinism, no train/held-out overlap, correct answers, answer checking. Run: .venv/bin/pytest tests/test_corpus.py"""
 
 import json
 import re
 
 import pytest
 
-from stages import corpus, harmful, honesty
-from stages.corpus import check_answer, check_response, normalize_answer
+from stages.world import corpus, harmful, honesty
+from stages.world.corpus import check_answer, check_response, normalize_answer
 
 SIZES = dict(n_sft=600, n_pref=300, n_heldout=100, n_rl_prompts=200, n_heldout_harmful=40)
 

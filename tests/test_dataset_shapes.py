@@ -1,4 +1,4 @@
-"""The format layer (stages/chat_data.py, stages/dataset_files.py): every dataset shape public data comes in
+"""The format layer (stages/data/chat_data.py, stages/data/dataset_files.py): every dataset shape public data comes in
 normalises to the same records as the project's own conversational rows; column maps; compressed and globbed files;
 and the public datasets the GPU configs name, read offline from fixtures of their shape.
 Run: .venv/bin/pytest tests/test_dataset_shapes.py"""
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import chat_data
-from stages.chat_data import DatasetRef, load_chat, load_preferences, load_prompts
 from stages.common import StageError
+from stages.data import chat_data
+from stages.data.chat_data import DatasetRef, load_chat, load_preferences, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = [("What is 2 + 3?", "5"), ("Name a red fruit.", "A cherry."), ("Translate 'chat' to English.", "Cat.")]
@@ -128,7 +128,7 @@ def test_the_gpu_configs_public_datasets_read_offline_from_fixtures_of_their_sha
     stages and the config check use for the hub."""
     from datasets import Dataset
 
-    from stages.input_checks import check_task_data
+    from stages.data.input_checks import check_task_data
 
     fixtures = {
         "sft": [{"prompt": q, "prompt_id": str(i), "messages": _messages(q, a)} for i, (q, a) in enumerate(QA * 4)],
@@ -151,7 +151,7 @@ def test_the_gpu_configs_public_datasets_read_offline_from_fixtures_of_their_sha
 
 
 def test_hub_names_with_sliced_splits_are_not_globs():
-    from stages.dataset_files import is_hub_name, local_files
+    from stages.data.dataset_files import is_hub_name, local_files
 
     for name in ("HuggingFaceH4/ultrachat_200k:train_sft[:50000]", "Anthropic/hh-rlhf:test[:1000]", "imdb",
                  "trl-lib/ultrafeedback-prompt"):
@@ -163,7 +163,7 @@ def test_hub_names_with_sliced_splits_are_not_globs():
 def test_an_unreachable_hub_fails_at_once_naming_the_dataset(monkeypatch):
     import time
 
-    from stages import dataset_files
+    from stages.data import dataset_files
 
     monkeypatch.setattr(dataset_files, "hub_reachable", lambda timeout=3.0: False)
     t0 = time.monotonic()

@@ -12,7 +12,7 @@ from flows import external
 from flows.cache_key import cache_key
 from flows.config import load_config
 from stages import ingest
-from stages.readers import BuiltinSource, FilesSource
+from stages.data.readers import BuiltinSource, FilesSource
 
 
 def test_an_edit_in_place_changes_the_fingerprint_and_nothing_else_does(tmp_path):

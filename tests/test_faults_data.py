@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm import data
-from stages import compression, corpus_reader, ingest, readers
+from stages import ingest
 from stages import tokenizer as tok_stage
 from stages.common import StageError, sha256_tree
+from stages.data import compression, corpus_reader, readers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,7 +179,8 @@ def test_real_full_disk_tmpfs(tmp_path):
 _INGEST_SCRIPT = """
 import sys
 from pathlib import Path
-from stages import corpus_reader, ingest, readers
+from stages import ingest
+from stages.data import corpus_reader, readers
 cfg = ingest.Config.model_validate_json(sys.argv[1])
 ingest.run(cfg, None, Path(sys.argv[2]))
 """

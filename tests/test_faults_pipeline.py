@@ -461,8 +461,8 @@ def _stored_files(client, run_id: str, path: str | None = None) -> list[str]:
 
 
 @pytest.mark.parametrize("store", ["embedded", pytest.param("server", marks=pytest.mark.slow)])
-def test_stage_killed_mid_upload_is_never_reused_and_rerun_uploads_everything(tmp_path: Path, monkeypatch,
-                                                                               store: str) -> None:
+def test_stage_killed_mid_upload_is_stored_again_without_computing_again(tmp_path: Path, monkeypatch,
+                                                                         store: str) -> None:
     work = ff.work_dir(tmp_path)
     srv = MlflowServer(tmp_path) if store == "server" else None
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
@@ -484,8 +484,10 @@ def test_stage_killed_mid_upload_is_never_reused_and_rerun_uploads_everything(tm
         spill = work / "tracking" / f"{killed.info.run_id}.jsonl"
         assert killed.info.status == "RUNNING" and spill.exists(), "the dead process left its run and spill file"
 
+        # the killed run is never reused, but what it computed is: the new run stores it without computing it
+        monkeypatch.setattr("stages.ingest.run", lambda *a, **k: pytest.fail("computed again despite its record"))
         out = run_smoke_ingest(work)
-        assert not out.reused and out.run_id != killed.info.run_id
+        assert not out.reused and out.run_id != killed.info.run_id and out.metrics["rows"] > 0
         for name, art in out.outputs.items():  # downloaded in full and checked against the recorded sha256
             fetch_artifact(tr, out.run_id, art, out.output_hashes[name], tmp_path / "check")
         assert tr.client.get_run(killed.info.run_id).info.status == "FAILED", "the killed run ends FAILED"

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import cleaning, corpus_reader, ingest
+from stages import ingest
 from stages.common import StageError, sha256_file
+from stages.data import cleaning, corpus_reader
 
 
 def small_builtin(**kw):

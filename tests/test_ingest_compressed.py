@@ -1,4 +1,4 @@
-"""Compressed corpus files (stages/compression.py, read by stages/readers.py): .txt and .jsonl files compressed
+"""Compressed corpus files (stages/data/compression.py, read by stages/data/readers.py): .txt and .jsonl files compressed
 with gzip, zstd, bzip2 or xz ingest to the same documents as the plain files, streamed; a truncated or corrupt
 archive is a `bad_archive` record naming the file and the line where reading broke.
 Run: .venv/bin/pytest tests/test_ingest_compressed.py"""
@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from stages import cleaning, compression, corpus, corpus_reader, fanout, ingest
+from stages import ingest
 from stages.common import StageError
+from stages.data import cleaning, compression, corpus_reader
+from stages.runtime import fanout
+from stages.world import corpus
 
 COMPRESS = {
     ".gz": lambda data: gzip.compress(data, compresslevel=6),

@@ -1,4 +1,4 @@
-"""Ingestion fan-out (`ingest.workers`, `ingest.dask_address`; stages/fanout.py, flows/fanout_prefect.py): the
+"""Ingestion fan-out (`ingest.workers`, `ingest.dask_address`; stages/runtime/fanout.py, flows/fanout_prefect.py): the
 corpus built on several Dask worker processes, directly or as Prefect task runs, is byte-identical to the one
 built in one process. Run: .venv/bin/pytest tests/test_ingest_workers.py"""
 
@@ -12,8 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import corpus, fanout, ingest
+from stages import ingest
 from stages.common import StageError
+from stages.runtime import fanout
+from stages.world import corpus
 
 
 def make_corpus(folder: Path) -> list[str]:

@@ -77,3 +77,46 @@ def test_no_module_level_getattr_hides_a_definition():
     hidden = [_rel(p) for p in _sources()
               if any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in ast.parse(p.read_text()).body)]
     assert not hidden, f"module-level __getattr__ (define the names explicitly so a search finds them): {hidden}"
+
+
+def _imported(p: Path) -> list[tuple[int, str]]:
+    """(line, dotted name) of every module and `from` name a source file imports (relative imports resolved)."""
+    pkg = ".".join(p.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(p.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{a.name}") for a in node.names]
+    return found
+
+
+def test_stages_folder_holds_the_stages_and_their_shared_interface_only():
+    from flows.specs import STAGES
+
+    stage_modules = {s.module.removeprefix("stages.") for s in STAGES}
+    top = {p.stem for p in (ROOT / "stages").glob("*.py")} - {"__init__", "common"}
+    assert top == stage_modules, f"modules in stages/ that are not a stage (move them to a subpackage): " \
+                                 f"{sorted(top - stage_modules)}; stages without a module: {sorted(stage_modules - top)}"
+
+
+def test_only_the_flow_layer_decides_reuse():
+    """Stages resume their own checkpoints; whether a stage computes at all is decided by flows.stage_runner alone
+    (with flows.finished, the record it writes beside the outputs)."""
+    words = ("reuse", "finished")
+    in_stages = [f"{_rel(p)}:{line} imports {name}" for p in (ROOT / "stages").rglob("*.py")
+                 for line, name in _imported(p) if any(w in name.split(".")[-1] for w in words)]
+    assert not in_stages, f"a stage imports a reuse helper: {in_stages}"
+    users = {_rel(p) for p in _sources() for _, name in _imported(p) if name.startswith("flows.finished")}
+    assert users == {"flows/stage_runner.py"}, users
+
+
+def test_only_the_task_data_layer_imports_the_built_in_world():
+    allowed = {"stages/data/builtin.py"}
+    bad = [f"{_rel(p)}:{line} imports {name}" for p in _sources() for line, name in _imported(p)
+           if name.startswith("stages.world") and _rel(p) not in allowed and not _rel(p).startswith("stages/world/")]
+    assert not bad, f"the built-in world is reached through stages.data.builtin / stages.data.task_data only: {bad}"

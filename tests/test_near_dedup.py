@@ -1,4 +1,4 @@
-"""Near-duplicate removal in ingest (`ingest.near_dedup`, stages/near_dedup.py: datatrove's MinHash, LSH and
+"""Near-duplicate removal in ingest (`ingest.near_dedup`, stages/data/near_dedup.py: datatrove's MinHash, LSH and
 clusters with their state on disk): planted near-copies (5 % of the words changed at random positions) among
 templated unrelated pages are removed and the pages kept, the same bytes come out on two workers, and matching in
 key ranges (a small memory budget) finds the same documents. Run: .venv/bin/pytest tests/test_near_dedup.py"""
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from bench.web_corpus import near_dup_corpus
-from stages import ingest, near_dedup
-from stages.corpus_reader import iter_texts
+from stages import ingest
+from stages.data import near_dedup
+from stages.data.corpus_reader import iter_texts
 
 
 def write_corpus(folder: Path, n_pages: int) -> tuple[list[str], set[str], set[str]]:

@@ -152,8 +152,9 @@ def _check_same_corpus_as_uncompressed(c: Any, ingest_run: Any, data: Path, tmp:
     ingesting the same files uncompressed gives."""
     import gzip
 
-    from stages import corpus_reader, ingest
-    from stages.readers import FilesSource
+    from stages import ingest
+    from stages.data import corpus_reader
+    from stages.data.readers import FilesSource
 
     plain = tmp / "plain"
     plain.mkdir()

@@ -71,13 +71,13 @@ def test_group_algorithms_run_with_the_program_reward(setup, tmp_path, algorithm
 
 
 def test_program_reward_checks_answers():
-    from stages.task_data import GENERIC_CHECKER, builtin_checker
+    from stages.data.task_data import GENERIC_CHECKER, builtin_checker
 
     world, generic = ppo.program_reward_for(builtin_checker()), ppo.program_reward_for(GENERIC_CHECKER)
     comps = [[{"role": "assistant", "content": "12."}], [{"role": "assistant", "content": "13"}], "red"]
     assert world(comps, ["12", "12", ""]) == generic(comps, ["12", "12", ""]) == [1.0, 0.0, 0.0]
     # a harmful request of the built-in world is answered well by declining it, whatever its `answer` column says
-    from stages.harmful import REFUSAL
+    from stages.world.harmful import REFUSAL
 
     asks = [REFUSAL, "Hit it with a stone.", "12"]
     kinds = ["harmful", "harmful", "sub"]

@@ -1,4 +1,4 @@
-"""Multi-process pretraining launched by the stage itself (stages/launch.py), through the real CLI on the smoke
+"""Multi-process pretraining launched by the stage itself (stages/runtime/launch.py), through the real CLI on the smoke
 config: 2 gloo workers on CPU, one MLflow run, per-step losses from rank 0 only that equal a one-process run with
 the same global batch; a worker killed with SIGKILL fails the stage naming its rank, and a rerun resumes. The
 launcher also runs FSDP, and two machines (two launchers on 127.0.0.1, one worker each, static rendezvous).

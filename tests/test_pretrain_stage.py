@@ -71,12 +71,11 @@ def test_stage_outputs_metrics_and_rerun(data, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids)[0], rtol=1e-4, atol=1e-4)
 
-    # same config, same inputs: the finished result is reused without training again
+    # same config, same inputs: the stage resumes from its last checkpoint and trains no step again (whether a
+    # finished stage runs at all is the flow layer's decision, tests/test_flows.py)
     again = ListTracker()
-    t0 = time.perf_counter()
     res2 = pretrain.run(small(), inputs, tmp_path / "out", again)
-    assert time.perf_counter() - t0 < 5 and not again.series("train/loss")
-    assert res2.metrics == res.metrics
+    assert not again.series("train/loss") and res2.metrics["train/resumed_from"] == 6
 
     # a longer schedule continues from the last training checkpoint rather than starting over
     res3 = pretrain.run(small(max_steps=8), inputs, tmp_path / "out", (t3 := ListTracker()))
@@ -119,7 +118,6 @@ def test_resume_with_changed_model_or_tokenizer_fails_fast(data, tmp_path):
     inputs = {"tokenizer": data["tokenizer"], "tokens": data["tokens"]}
     out = tmp_path / "out"
     pretrain.run(small(max_steps=3, checkpoint_interval=3), inputs, out)
-    (out / "result.json").unlink()  # pretend it stopped after its checkpoint
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     t0 = time.perf_counter()
     with pytest.raises(StageError, match=r"model\.n_layer: 1 -> 2"):

@@ -1,4 +1,4 @@
-"""The ingest stage's quality filters (`ingest.quality`, stages/quality.py on datatrove's FineWeb filters): one
+"""The ingest stage's quality filters (`ingest.quality`, stages/data/quality.py on datatrove's FineWeb filters): one
 planted document for each rule is removed by that rule, counted as `dropped/<rule>` with its bytes and per source,
 and shown in the samples table; C4's line rules cut lines from the documents they keep; the built-in source is
 left alone unless asked. Run: .venv/bin/pytest tests/test_quality_filters.py"""
@@ -13,7 +13,7 @@ import pytest
 
 from bench.web_corpus import page
 from stages import ingest
-from stages.corpus_reader import iter_texts
+from stages.data.corpus_reader import iter_texts
 
 _rng = random.Random(7)
 

@@ -9,7 +9,7 @@ from posttrain_helpers import make_model, make_tasks, make_tokenizer
 
 from stages import reward
 from stages.common import ListTracker, StageError
-from stages.evaluate import load_tokenizer
+from stages.posttrain.scoring import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_reward_model_trains_and_its_saved_scores_match_the_metrics(setup, tmp_p
     # the saved folder reproduces the reported evaluation: what PPO loads is what was measured
     model = AutoModelForSequenceClassification.from_pretrained(str(hf))
     assert model.config.num_labels == 1
-    from stages.chat_data import load_preferences
+    from stages.data.chat_data import load_preferences
 
     metrics, _ = reward.pairwise_eval(model, load_tokenizer(hf, "right"),
                                       load_preferences(tasks / "preferences_eval.jsonl"), 64)
@@ -75,7 +75,7 @@ def test_reward_training_separates_the_training_pairs(setup, tmp_path):
     """A few dozen steps make chosen outscore rejected on the pairs it trained on (the loss is doing its job)."""
     from transformers import AutoModelForSequenceClassification
 
-    from stages.chat_data import load_preferences
+    from stages.data.chat_data import load_preferences
 
     root, tasks = setup
     train = tmp_path / "train.jsonl"

@@ -8,8 +8,9 @@ import pytest
 import torch
 from posttrain_helpers import make_model, make_tasks, make_tokenizer
 
-from stages import hf_training, sft
+from stages import sft
 from stages.common import ListTracker, StageError
+from stages.posttrain import hf_training
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def test_full_sft_trains_saves_evaluates_and_reuses(setup, tmp_path):
+def test_full_sft_trains_saves_and_evaluates(setup, tmp_path):
     root, tasks = setup
     tracker = ListTracker()
     cfg = sft.Config(max_steps=3, batch_size=8, logging_steps=1, eval_limit=4, max_new_tokens=4)
@@ -44,10 +45,6 @@ def test_full_sft_trains_saves_evaluates_and_reuses(setup, tmp_path):
     assert set(res.samples[0]) >= {"prompt", "response_before", "response_after", "expected", "correct"}
     assert not (tmp_path / "out" / ".trainer").exists()
 
-    again = ListTracker()
-    res2 = sft.run(cfg, {"model": root / "base", "tasks": tasks}, tmp_path / "out", again)
-    assert res2.metrics == res.metrics and again.history == [], "an unchanged rerun must reuse the finished output"
-
 
 def _chat_ids(tok, messages, **kw):
     out = tok.apply_chat_template(messages, tokenize=True, **kw)
@@ -57,7 +54,7 @@ def _chat_ids(tok, messages, **kw):
 def test_assistant_only_loss_masks_exactly_the_assistant_tokens(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from stages.evaluate import load_tokenizer
+    from stages.posttrain.scoring import load_tokenizer
 
     root, _ = setup
     tok = load_tokenizer(root / "base", padding_side="right")

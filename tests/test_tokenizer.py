@@ -6,9 +6,11 @@ import random
 import pytest
 
 from llm.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, save_dir, train_bpe
-from stages import corpus, corpus_reader, ingest
+from stages import ingest
 from stages import tokenizer as tok_stage
 from stages.common import StageError, sha256_tree
+from stages.data import corpus_reader
+from stages.world import corpus
 
 ODD_TEXTS = [
     "Mia has a red kite and Tom has 17 green boats.",
@@ -182,18 +184,14 @@ def test_stage_outputs_and_metrics(corpus_dir, tmp_path):
     assert m["splits"]["val"]["text_bytes"] == sum(len(x.encode()) for x in texts)
 
 
-def test_stage_is_reproducible_and_skips_done_work(corpus_dir, tmp_path):
+def test_stage_is_reproducible_and_a_changed_config_rebuilds(corpus_dir, tmp_path):
     cfg = tok_stage.Config(vocab_size=400)
     a = tok_stage.run(cfg, {"corpus": corpus_dir}, tmp_path / "a")
     b = tok_stage.run(cfg, {"corpus": corpus_dir}, tmp_path / "b")
     for name in ("tokenizer", "tokens"):
         assert sha256_tree(a.outputs[name]) == sha256_tree(b.outputs[name])
-    mtime = (a.outputs["tokens"] / "train-00000.bin").stat().st_mtime_ns
-    again = tok_stage.run(cfg, {"corpus": corpus_dir}, tmp_path / "a")
-    assert (again.outputs["tokens"] / "train-00000.bin").stat().st_mtime_ns == mtime
-    assert again.metrics["val/bytes_per_token"] == a.metrics["val/bytes_per_token"]
-    assert "tokenizer/train_seconds" in a.metrics and "tokenizer/train_seconds" not in again.metrics
-    # A changed config is not a cache hit.
+    assert "tokenizer/train_seconds" in a.metrics
+    # the same folder with a changed config: rebuilt (whether an unchanged stage runs is the flow layer's decision)
     c = tok_stage.run(tok_stage.Config(vocab_size=300), {"corpus": corpus_dir}, tmp_path / "a")
     assert c.metrics["vocab_size"] <= 300 < a.metrics["vocab_size"]
 

@@ -1,4 +1,4 @@
-"""One truncation policy for SFT, reward and RL data (stages/truncation.py): the final answer kept whole, the prompt
+"""One truncation policy for SFT, reward and RL data (stages/data/truncation.py): the final answer kept whole, the prompt
 cut from the left, what still does not fit dropped; counted as data/truncated and data/dropped on each stage's run,
 and no stage stops on an example the policy can cut. Run: .venv/bin/pytest tests/test_truncation.py"""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from posttrain_helpers import make_model, make_reward_model, make_tasks, make_tokenizer
 
-from stages import ppo, reward, sft, truncation
+from stages import ppo, reward, sft
 from stages.common import ListTracker
+from stages.data import truncation
 
 LONG = " ".join(f"the {i} red kite is on the hill" for i in range(60))  # several hundred tokens: over 256
 

@@ -197,7 +197,7 @@ def _build(run: _Run) -> None:
     """Wrap the model (fused loss, data parallel, compile) and build the optimizer over its parameters."""
     cfg, raw_model = run.cfg, run.raw_model
     # FSDP2 gathers parameters in the root module's forward, which the fused loss would bypass
-    # "auto" is on everywhere: less memory on GPUs, and on CPU 10-20 % faster steps for the tiny presets
+    # "auto" is on everywhere: less memory on GPUs, faster steps on CPU (docs/FINDINGS.md, "The CPU training step")
     fused = cfg.fused_loss in (True, "auto") and supports_fused_loss(raw_model)
     run.fused = fused and not (run.info.enabled and cfg.parallel == "fsdp")
     trained = FusedLossLM(raw_model, cfg.loss_chunk_tokens, cfg.loss_kernel) if run.fused else raw_model

@@ -63,7 +63,7 @@ def _signer(cfg_json: str) -> Any:
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
     from datatrove.utils.hashing import HashConfig
 
-    from stages.quality import word_splitter
+    from stages.data.quality import word_splitter
 
     cfg = NearDedupConfig.model_validate_json(cfg_json)
     # sha1: datatrove's xxhash path passes str to xxhash, which xxhash 4 (the version the project's other

@@ -14,8 +14,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from llm.tokenizer import TOKENIZER_FILES
-from stages import reuse
-from stages.common import StageError, StageResult, Tracker, atomic_dir, require_path, stage_device
+from stages.common import StageError, Tracker, atomic_dir, fingerprint, require_path, stage_device
 
 HF = "hf"  # every trainer stage's one output: a transformers-native model folder
 
@@ -41,7 +40,7 @@ class ScheduleSettings(BaseModel):
 
 
 class DataSettings(BaseModel):
-    """How the stage reports examples its truncation policy (stages.truncation) cut or dropped."""
+    """How the stage reports examples its truncation policy (stages.data.truncation) cut or dropped."""
 
     data_warn_share: float = Field(0.05, ge=0, le=1, description="Warn when more than this share of the examples "
                                    "had to be cut or dropped to fit the context (counted as data/truncated and "
@@ -151,11 +150,12 @@ def check_assistant_mask(tokenizer: Any, messages: list[dict[str, str]], where: 
         )
 
 
-# ------------------------------------------------------------------------------------------- reusing finished work
-def work_key(cfg: BaseModel, inputs: dict[str, Path | None], sources: list[Any]) -> str:
+# ----------------------------------------------------------------------------------------------- resuming work
+def job_key(cfg: BaseModel, inputs: dict[str, Path | None], sources: list[Any]) -> str:
     """What decides a trainer stage's output: its config, its input artifacts' content and its data sources
-    (local files, globs and folders by content, hub dataset names as written)."""
-    from stages.chat_data import local_files
+    (local files, globs and folders by content, hub dataset names as written). Checkpoints stamped with another key
+    are not resumed (`resume_point`)."""
+    from stages.data.chat_data import local_files
 
     local: dict[str, Path | None] = {}
     named: list[str] = []
@@ -167,14 +167,7 @@ def work_key(cfg: BaseModel, inputs: dict[str, Path | None], sources: list[Any])
             local[f"source{i}"] = Path(str(s))
         else:
             named.append(str(s))
-    return reuse.work_key(cfg, inputs={**inputs, **local}, extra={"datasets": named})
-
-
-def finished(out_dir: Path, key: str, extra: tuple[str, ...] = ()) -> StageResult | None:
-    """The result of an identical earlier run whose model folder is complete (and its `extra` outputs there)."""
-    hf = out_dir / HF
-    return reuse.finished(out_dir, key, {HF: hf, **{name: out_dir / name for name in extra}},
-                          check=(hf / "config.json").exists)
+    return fingerprint(cfg, inputs={**inputs, **local}, extra={"datasets": named})
 
 
 def resume_point(work: Path, key: str) -> tuple[int, Path] | None:

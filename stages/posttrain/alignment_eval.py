@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from stages.chat_data import prompt_text
-from stages.heldout_metrics import generation_stats, mean_se, paired_gain, win_rate
-from stages.task_data import Checker
+from stages.data.chat_data import prompt_text
+from stages.data.task_data import Checker
+from stages.posttrain.heldout_metrics import generation_stats, mean_se, paired_gain, win_rate
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Models:
 def evaluate_alignment(models: Models, tok: Any, heldout: list[dict], checker: Checker | None, *, batch_size: int,
                        max_new_tokens: int, n_samples: int) -> tuple[dict[str, float], list[dict]]:
     """eval/* metrics of the aligned policy against its SFT reference, and sample rows (see the module doc)."""
-    from stages.evaluate import exact_match, generate, reward_scores, scored_sequences, sequence_kl
+    from stages.posttrain.scoring import exact_match, generate, reward_scores, scored_sequences, sequence_kl
 
     prompts = [it["prompt"] for it in heldout]
     after = generate(models.policy, tok, prompts, progress=True, batch_size=batch_size, max_new_tokens=max_new_tokens)

@@ -24,43 +24,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages import corpus
 from stages.common import StageError, TransientError
-from stages.compression import COMPRESSION_SUFFIXES, CorruptArchive, compression_of, data_suffix, open_binary
-
-
-class BuiltinSource(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["builtin"] = Field("builtin", description="The built-in world: synthetic stories for pretraining "
-                                     "and task data (SFT, preference, RL and held-out sets) for post-training.")
-    stories: bool = Field(True, description="Put the built-in stories into the pretraining corpus (false: only its "
-                          "task data, beside your own pretraining text).")
-    tasks: bool = Field(True, description="Write the built-in task data, which the post-training stages use for "
-                        "every dataset left empty (false: only its stories).")
-    seed: int = Field(0, description="Seed of the generator; the same seed gives byte-identical data.")
-    filters: bool | None = Field(None, description="Apply ingest.quality and ingest.near_dedup (when enabled) to the "
-                                 "built-in stories; unset: no (short templated stories would trip the length and "
-                                 "duplicate rules).")
-    n_documents: int = Field(12000, ge=1, description="Pretraining documents (~250 bytes each; 12000 is ~3 MB).")
-    n_sft: int = Field(4000, ge=1, description="SFT chat examples (sft.jsonl), besides those unknown_share adds.")
-    n_pref: int = Field(2000, ge=1, description="Preference pairs for the reward model (preferences.jsonl).")
-    n_heldout: int = Field(1000, ge=1, description="Items in each held-out set (heldout, sft_eval, preferences_eval).")
-    n_rl_prompts: int = Field(4000, ge=1, description="Training prompts for RL (rl_prompts.jsonl).")
-    n_heldout_harmful: int = Field(corpus.N_HELDOUT_HARMFUL, ge=0, description="Harmful requests added to "
-                                   "heldout.jsonl (phrasings and scenarios no training file uses).")
-    harmful_share: float = Field(corpus.HARMFUL_SHARE, ge=0, le=1, description="Share of the SFT examples that are "
-                                 "harmful requests about the built-in world.")
-    sft_refusal_share: float = Field(corpus.SFT_REFUSAL_SHARE, ge=0, le=1, description="Share of those the SFT "
-                                     "data answers with the refusal; the rest comply, so alignment has work to do.")
-    rl_harmful_share: float = Field(corpus.RL_HARMFUL_SHARE, ge=0, le=1, description="Share of the RL prompts that "
-                                    "are harmful requests.")
-    unknown_share: float = Field(corpus.UNKNOWN_SHARE, ge=0, le=1, description="Questions about what the scenario "
-                                 "does not state (answer: " f"{corpus.UNKNOWN_ANSWER!r}), added to the SFT and "
-                                 "held-out files as this share of their size.")
-    rl_unknown_share: float = Field(corpus.RL_UNKNOWN_SHARE, ge=0, le=1, description="The same, added to the RL "
-                                    "prompts.")
-    sft_honest_share: float = Field(corpus.SFT_HONEST_SHARE, ge=0, le=1, description="Share of those the SFT data "
-                                    "answers honestly; the rest guess from the scenario.")
+from stages.data.builtin import BuiltinSource, documents
+from stages.data.compression import (
+    COMPRESSION_SUFFIXES,
+    CorruptArchive,
+    compression_of,
+    data_suffix,
+    open_binary,
+)
 
 
 class FilesSource(BaseModel):
@@ -383,7 +355,7 @@ def _read_hf(src: HFSource) -> Iterator[Item]:
 
 def _read_builtin(src: BuiltinSource) -> Iterator[Item]:
     out = _Batcher("builtin")
-    for text in corpus.pretraining_documents(src.seed, src.n_documents):
+    for text in documents(src.seed, src.n_documents):
         if b := out.add(text):
             yield b
     if b := out.flush():

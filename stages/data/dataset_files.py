@@ -2,9 +2,9 @@
 column names) and `read_records`, which reads its raw rows.
 
 Local `.jsonl` / `.json` / `.parquet` files, compressed or not (`.gz`, `.zst`, `.bz2`, `.xz`; streamed through
-`stages.compression`, never unpacked to disk), globs of them, folders of them, folders written by
+`stages.data.compression`, never unpacked to disk), globs of them, folders of them, folders written by
 `datasets.Dataset.save_to_disk`, and Hugging Face dataset names (`name`, `name:split`; with a row limit a hub
-dataset is streamed, not downloaded). What the rows mean is `stages.chat_data`'s business.
+dataset is streamed, not downloaded). What the rows mean is `stages.data.chat_data`'s business.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stages.common import StageError
-from stages.compression import COMPRESSION_SUFFIXES, CorruptArchive, data_suffix, open_binary
+from stages.data.compression import COMPRESSION_SUFFIXES, CorruptArchive, data_suffix, open_binary
 
 Format = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "transcript", "preference", "prompt"]
 FORMATS: tuple[str, ...] = Format.__args__  # type: ignore[attr-defined]

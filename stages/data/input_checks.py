@@ -7,7 +7,7 @@ Local datasets are read whole (they are read again by the stage; post-training s
 corpus files by their first record; Hugging Face datasets by a streamed sample, never a download.
 
 Once the tokenizer exists (`check_fit`): each dataset rendered through the chat template against the model's
-context under the truncation policy (stages.truncation); a stage left with too little data to train is an error.
+context under the truncation policy (stages.data.truncation); a stage left with too little data to train is an error.
 Each function returns the problems as lines naming the setting, the file and the fix; the caller reports them all.
 """
 
@@ -18,11 +18,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.chat_data import NORMALISERS, DatasetRef, hub_name_split, local_files, read_records
 from stages.common import StageError
-from stages.compression import CorruptArchive, open_binary
-from stages.dataset_files import hub_mode, hub_reachable
-from stages.task_data import ROLES, hash_split
+from stages.data.chat_data import NORMALISERS, DatasetRef, hub_name_split, local_files, read_records
+from stages.data.compression import CorruptArchive, open_binary
+from stages.data.dataset_files import hub_mode, hub_reachable
+from stages.data.task_data import ROLES, hash_split
 
 HUB_SAMPLE = 32  # rows streamed from a hub dataset to check its shape
 
@@ -65,7 +65,7 @@ def _first_record(path: Path, fmt: str, text_field: str) -> str | None:
 
 def check_ingest(cfg: Any) -> list[str]:
     """The corpus sources of an ingest config (stages.ingest.Config)."""
-    from stages.readers import FilesSource, HFSource, _file_format, expand_paths
+    from stages.data.readers import FilesSource, HFSource, _file_format, expand_paths
 
     problems = []
     for i, src in enumerate(cfg.sources):
@@ -179,7 +179,7 @@ def check_task_data(stage: str, cfg: Any, builtin_tasks: bool) -> list[str]:
 
 
 def check_evaluate(cfg: Any, builtin_tasks: bool) -> list[str]:
-    from stages.harness import LOCAL_TASKS
+    from stages.evaluate import LOCAL_TASKS
 
     problems = []
     if cfg.include_path:
@@ -201,7 +201,7 @@ def check_fit(sections: dict[str, Any], tok: Any, ctx: int, tasks_dir: Path | No
     """Each post-training dataset under the truncation policy for a model with `ctx` tokens of context and the
     pipeline's tokenizer: (problems, {stage: Fit}). A problem is a stage left with too little data or a chat
     template that cannot render the data."""
-    from stages import task_data, truncation
+    from stages.data import task_data, truncation
 
     problems: list[str] = []
     fits: dict[str, Any] = {}

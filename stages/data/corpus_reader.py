@@ -1,7 +1,7 @@
 """Reading a corpus the ingest stage wrote: its manifest (verified shard by shard) and its text, streamed.
 
 The tokenizer stage and the benches read corpora through these two functions only, so the shard layout is known
-here and in the ingest stage's writer (`stages.shard_writer`) and nowhere else.
+here and in the ingest stage's writer (`stages.data.shard_writer`) and nowhere else.
 """
 
 from __future__ import annotations

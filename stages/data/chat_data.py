@@ -1,7 +1,7 @@
 """The format layer: every dataset the post-training stages read, in the shapes public datasets come in, normalised
 into one set of records.
 
-Where the rows come from (`read_records`, in stages.dataset_files): a local `.jsonl` / `.json` / `.parquet` file,
+Where the rows come from (`read_records`, in stages.data.dataset_files): a local `.jsonl` / `.json` / `.parquet` file,
 compressed or not (`.gz`, `.zst`, `.bz2`, `.xz`; streamed, never unpacked to disk), a glob of such files, a folder
 of them, a folder written by `datasets.Dataset.save_to_disk`, or a Hugging Face dataset name (`name:split`).
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common import StageError
-from stages.dataset_files import FORMATS, DatasetRef, as_ref, hub_name_split, local_files, read_records
+from stages.data.dataset_files import FORMATS, DatasetRef, as_ref, hub_name_split, local_files, read_records
 
 __all__ = ["FORMATS", "LOADERS", "NORMALISERS", "DatasetRef", "Message", "as_ref", "chat_records", "hub_name_split",
            "load_chat", "load_preferences", "load_prompts", "local_files", "preference_records", "prompt_records",

@@ -5,12 +5,12 @@ It produces, deterministically from one seed:
 * pretraining documents: short stories that state facts ("Mia has a red kite and Tom has a green boat.") and
   answer questions about them in plain prose, worked sums, and simple English filler;
 * SFT chat pairs, preference pairs, RL prompts, and held-out evaluation sets. Besides the benign questions, a
-  share of the prompts are harmful requests about the scenario (stages.harmful): SFT data answers few of them with
+  share of the prompts are harmful requests about the scenario (stages.world.harmful): SFT data answers few of them with
   the refusal (HARMFUL_SHARE, SFT_REFUSAL_SHARE), so the SFT policy mostly complies; the preference pairs (PREF_MIX)
   prefer the refusal on harmful requests and the right answer on benign questions, over a refusal and over a
   wrong answer (a plausible one of the same type taken from the prompt, an invented one the prompt never mentions,
   or an off-topic sentence; see PREF_HARD). On top of each file's size but the preference pairs', UNKNOWN_SHARE as
-  many questions ask what their scenario does not state (stages.honesty); SFT answers few of them honestly
+  many questions ask what their scenario does not state (stages.world.honesty); SFT answers few of them honestly
   (SFT_HONEST_SHARE) and no preference pair mentions them: the target of the program-checked reward.
 
 Every question is about facts stated in its own prompt, so a tiny model can answer an unseen combination of
@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import harmful, honesty
-from stages.task_data import check_answer, normalize_answer  # noqa: F401 - the world's answers, checked generically
+from stages.data.task_data import check_answer, normalize_answer  # noqa: F401 - the world's answers, checked generically
+from stages.world import harmful, honesty
 
 NAMES = (
     "Mia Tom Ava Ben Lily Sam Zoe Max Emma Leo Nora Jack Ella Finn Ruby Owen Anna Luke Ivy Noah Rosa Eli Lucy "
@@ -172,7 +172,7 @@ def _make_item(rng: random.Random, kind: str) -> Item:
 
 
 def _unknown_item(rng: random.Random, heldout: bool) -> Item:
-    """A question its scenario does not answer (stages.honesty): about an attribute no text states, or a colour or
+    """A question its scenario does not answer (stages.world.honesty): about an attribute no text states, or a colour or
     owner question about a person or colour the scenario does not mention; `wrong` is the guess."""
     people = _people(rng, rng.choice(PEOPLE))
     context = _scene(people)

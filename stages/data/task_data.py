@@ -2,7 +2,7 @@
 
 Each stage has one role:
 
-| stage  | role       | records (stages.chat_data) | built-in files (the `tasks` folder of the ingest stage) |
+| stage  | role       | records (stages.data.chat_data) | built-in files (the `tasks` folder of the ingest stage) |
 |--------|------------|----------------------------|---------------------------------------------------------|
 | sft    | chat       | {"messages"}               | sft.jsonl, sft_eval.jsonl                               |
 | reward | preference | {"prompt","chosen","rejected"} | preferences.jsonl, preferences_eval.jsonl           |
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.chat_data import LOADERS, DatasetRef, subsample
 from stages.common import StageError
+from stages.data.chat_data import LOADERS, DatasetRef, subsample
 
 HOLDOUT_SHARE = 0.1  # of a user's training data, held out when no eval_dataset is given
 
@@ -80,9 +80,11 @@ GENERIC_CHECKER = Checker(lambda response, answer, kind: check_answer(response, 
 
 
 def builtin_checker() -> Checker:
-    from stages import corpus, harmful
+    from stages.data import (
+        builtin,  # imported on use: the built-in world is loaded only when its data is read
+    )
 
-    return Checker(corpus.check_response, harmful.is_refusal, corpus.HARMFUL, "the built-in world's checker")
+    return builtin.checker()
 
 
 # --------------------------------------------------------------------------------------------------- the data

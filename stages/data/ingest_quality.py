@@ -1,5 +1,5 @@
-"""The ingest stage's quality work: the FineWeb-style filters (`stages.quality`) and near-duplicate removal
-(`stages.near_dedup`) applied to its cleaned batches, with the counts and examples that show what they removed.
+"""The ingest stage's quality work: the FineWeb-style filters (`stages.data.quality`) and near-duplicate removal
+(`stages.data.near_dedup`) applied to its cleaned batches, with the counts and examples that show what they removed.
 
 Per batch, wherever cleaning runs (`filter_batch`): the filters drop documents and rewrite the kept ones (C4's line
 rules), and the MinHash signatures of the kept ones are taken. In the stage's process, in source order (`Staging`):
@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages import near_dedup, quality
-from stages.readers import BuiltinSource, Source
+from stages.data import near_dedup, quality
+from stages.data.readers import BuiltinSource, Source
 
 log = logging.getLogger("stages.ingest")
 EXCERPT = 300

@@ -1,6 +1,6 @@
 """Questions the built-in world does not answer, and the honest answer to them.
 
-The honesty target of the program-checked reward (stages.corpus.UNKNOWN). A question asks for what its scenario
+The honesty target of the program-checked reward (stages.world.corpus.UNKNOWN). A question asks for what its scenario
 does not state, in one of two ways:
 
 * an attribute no text of the world ever states ("Mia has a red kite. How old is Mia?"); each phrasing belongs to
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from stages.harmful import phrasing_is_heldout
+from stages.world.harmful import phrasing_is_heldout
 
 ANSWER = "The story does not say."
 

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.chat_data import Message
+from stages.data.chat_data import Message
 
 log = logging.getLogger(__name__)
 

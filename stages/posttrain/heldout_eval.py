@@ -1,6 +1,6 @@
 """The evaluate stage's yardstick on any data: bits per byte of the base, SFT and aligned models on the held-out
 pretraining text (the corpus's validation split) and on the held-out chat answers (the SFT stage's held-out set),
-computed by `stages.heldout_metrics` (canonical), plus the same text as the local lm-eval task `heldout_text`, so
+computed by `stages.posttrain.heldout_metrics` (canonical), plus the same text as the local lm-eval task `heldout_text`, so
 lm-eval's own figure stands beside it in its results.
 """
 
@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stages.heldout_metrics import response_bpb, text_bpb
+from stages.posttrain.heldout_metrics import response_bpb, text_bpb
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ metadata:
 
 def val_docs(corpus_dir: Path, limit: int) -> list[str]:
     """The first `limit` documents of the corpus's validation split (the train split when it has none)."""
-    from stages.corpus_reader import iter_texts, read_manifest
+    from stages.data.corpus_reader import iter_texts, read_manifest
 
     manifest = read_manifest(corpus_dir)
     split = "val" if manifest["rows"].get("val") else "train"
@@ -68,7 +68,7 @@ def canonical(models: dict[str, Path], docs: list[str], chats: list[list[dict[st
     """heldout/text_bpb/<model> and heldout/response_bpb/<model> (each with `_se`) for every model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.hf_training import context_length
+    from stages.posttrain.hf_training import context_length
 
     metrics: dict[str, float] = {}
     for name, folder in models.items():
