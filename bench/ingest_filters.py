@@ -4,8 +4,9 @@
 exact copies, 5 % junk pages) with every filter on (`ingest.quality` with the language filter, and
 `ingest.near_dedup`) against the same ingest with them off: throughput ratio, the peak memory of each ingest (a
 fresh process that imports only the stage: its RSS high-water mark, and with `--workers` > 1 the sampled peak of the
-whole process tree, Dask's worker processes included) against `ingest.memory_budget_mb`, and what the filters
-removed.
+whole process tree, Dask's worker processes included) against `ingest.memory_budget_mb` and the stage's own
+estimate (`ingest_quality.plan_memory`, which lowers `--workers` when the budget cannot hold them), and what the
+filters removed.
 
 `--near-dup`: precision and recall of near-duplicate removal on its own: unrelated templated pages with near-copies
 of 10 % of them (each `--change` share of the words replaced at random positions), how many copies are removed and
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -31,6 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.web_corpus import near_dup_corpus, web_stream
+from stages import ingest
+from stages.data import ingest_quality
+from stages.data.readers import split_units
 
 ROOT = Path(__file__).resolve().parent.parent
 # What `--filters` turns on: everything, or only the part whose state grows with the corpus (`--only-near-dedup`:
@@ -103,6 +108,23 @@ def ingest_child(config: dict, out: Path) -> dict:
     return {**result, "peak_rss_mb": usage.ru_maxrss / 1024, "peak_tree_mb": max(peak_tree, usage.ru_maxrss / 1024)}
 
 
+def memory_plan(config: dict) -> ingest_quality.MemoryPlan:
+    """What the ingest will run with under its memory budget (`ingest_quality.plan_memory`, the stage's own plan):
+    the worker processes and the estimated peak of the process tree."""
+    cfg = ingest.Config.model_validate(config)
+    quiet = logging.getLogger("stages.ingest")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the ingest itself says when it lowers the workers
+    try:
+        return ingest_quality.plan_memory(cfg, split_units(cfg.sources))
+    finally:
+        quiet.setLevel(level)
+
+
+def _processes(workers: int) -> str:
+    return "one process" if workers == 1 else f"{workers} worker processes"
+
+
 def _removed_by_filter(metrics: dict) -> dict[str, int]:
     by = Counter()
     for k, v in metrics.items():
@@ -121,19 +143,22 @@ def filters_main(args: argparse.Namespace) -> dict:
         print(f"wrote {size / 1e6:.0f} MB of text, {sum(kinds.values())} documents ({dict(kinds)}) in "
               f"{len(files)} Parquet files in {time.perf_counter() - t0:.0f} s", flush=True)
         base = {"sources": [{"type": "files", "paths": [str(f) for f in files]}], "memory_budget_mb": budget}
-        runs = {}
+        runs, planned = {}, {}
         on = NEAR_DEDUP_ON if args.only_near_dedup else ALL_ON
         for name, extra in (("off", {}), ("on", {**on, "workers": args.workers})):
+            planned[name] = memory_plan({**base, **extra})
             runs[name] = ingest_child({**base, **extra}, work / f"out-{name}")
             shutil.rmtree(work / f"out-{name}")
             r = runs[name]
             print(f"filters {name}: {size / 1e6 / r['seconds']:.2f} MB/s ({r['seconds']:.0f} s), peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MB (process tree {r['peak_tree_mb']:.0f} MB), "
+                  f"{r['peak_rss_mb']:.0f} MB (process tree {r['peak_tree_mb']:.0f} MB; estimated "
+                  f"{planned[name].estimate_mb:.0f} MB, {_processes(planned[name].workers)}), "
                   f"{r['metrics']['rows']:.0f} documents kept", flush=True)
     on, off = runs["on"], runs["off"]
     result = {
         "bench": "ingest-filters", "input_mb": round(size / 1e6, 1), "documents": dict(kinds), "cpus": os.cpu_count(),
-        "on": "near_dedup" if args.only_near_dedup else "all", "workers_on": args.workers, "off_mb_s": round(size / 1e6 / off["seconds"], 2),
+        "on": "near_dedup" if args.only_near_dedup else "all", "workers_on": args.workers,
+        "workers_on_run": planned["on"].workers, "estimate_mb_on": round(planned["on"].estimate_mb), "off_mb_s": round(size / 1e6 / off["seconds"], 2),
         "on_mb_s": round(size / 1e6 / on["seconds"], 3), "ratio": round(off["seconds"] / on["seconds"], 4),
         "peak_rss_mb_off": round(off["peak_rss_mb"]), "peak_rss_mb_on": round(on["peak_rss_mb"]),
         "peak_tree_mb_on": round(on["peak_tree_mb"]), "memory_budget_mb": budget,

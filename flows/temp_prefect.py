@@ -37,6 +37,7 @@ class TemporaryPrefect:
         self.api = ""
         self.port = 0
         self._lock: IO[str] | None = None
+        self.log_path: Path | None = None
 
     def start(self) -> None:
         import atexit
@@ -53,18 +54,25 @@ class TemporaryPrefect:
         # column"); the first start holds this lock until it answers, and a later one spawns only then.
         home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
         home.mkdir(parents=True, exist_ok=True)
+        self.log_path = home / "temporary-server.log"
         self._lock = open(home / "llm-pipeline-server-start.lock", "a+", encoding="utf-8")  # noqa: SIM115
         if try_lock(self._lock):
             write_record(self._lock, f"a Prefect server to start on {home}")  # `up` waits for it (flows.supervisor)
             self._spawn()
 
     def _spawn(self) -> None:
+        # its errors go to a file: a server stopped while it boots (this command failed early) logs its cancelled
+        # start-up, which must not follow the command's one error line on the screen
+        err = open(self.log_path, "ab") if self.log_path is not None else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
              "--no-ui", "--no-scheduler", "--no-late-runs", "--analytics-off", "--log-level", "ERROR"],
             stdout=subprocess.DEVNULL,  # the banner would tell users to configure a server that goes away at exit
+            stderr=err,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
         )
+        if err is not subprocess.DEVNULL:
+            err.close()  # the child holds its own copy
         log.info("starting a temporary Prefect server on %s (set PREFECT_API_URL to use your own)", self.api)
 
     def wait(self, timeout: float = 300) -> None:
@@ -93,8 +101,8 @@ class TemporaryPrefect:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
-                raise StageError(f"the temporary Prefect server exited (code {self.proc and self.proc.returncode}); "
-                                 "check that PREFECT_HOME is writable, or start one (`llm-pipeline up`) and set "
+                raise StageError(f"the temporary Prefect server exited (code {self.proc and self.proc.returncode}; "
+                                 f"its log: {self.log_path}); check that PREFECT_HOME is writable, or start one (`llm-pipeline up`) and set "
                                  "PREFECT_API_URL")
             try:
                 with urllib.request.urlopen(self.api + "/health", timeout=2) as r:

@@ -108,7 +108,8 @@ class Config(BaseModel):
     workers: int = Field(1, ge=1, description="Processes that read and clean the sources, a file (or a non-file "
                          "source) each at a time, on a local Dask cluster (under Prefect: its Dask task runner, a "
                          "task run per file); dedup, split and shard writing stay in this process, so the output "
-                         "is byte-identical to 1, which runs everything here without Dask.")
+                         "is byte-identical to 1, which runs everything here without Dask. Fewer run when "
+                         "memory_budget_mb cannot hold them.")
     dask_address: str | None = Field(None, description="Scheduler of an existing Dask cluster (tcp://HOST:PORT) to "
                                      "read and clean on instead of a local cluster; its workers need this project "
                                      "installed and the input files at the same paths.")
@@ -120,9 +121,11 @@ class Config(BaseModel):
                                         "the same sources (MinHash + LSH over word n-grams, state on disk).")
     removed_samples: int = Field(3, ge=0, description="Removed documents kept per rule as examples (the rule, the "
                                  "source, the start of the text) in the run's samples table.")
-    memory_budget_mb: int = Field(2048, ge=256, description="Memory the near-duplicate matching may use: larger "
-                                  "index files are sorted in key ranges that fit a quarter of it. Exact dedup keeps "
-                                  "about 100 bytes per document in memory besides.")
+    memory_budget_mb: int = Field(2048, ge=256, description="Memory the whole ingest may use, by estimate: this "
+                                  "process (exact dedup's set included), each Dask worker process (its cost grows "
+                                  "with the largest input file, whose results travel whole) and the near-duplicate "
+                                  "matching, whose index files are sorted in key ranges that fit a quarter of it. "
+                                  "`workers` is lowered, with a log line, until the estimate fits.")
 
     @model_validator(mode="after")
     def _known_languages(self) -> Config:
@@ -200,14 +203,14 @@ def _keep(c: Cleaned, cfg: Config, writers: SplitWriters, counts: Counts, sample
             samples.append({"id": ids[int(i)].as_py(), "source": c.source, "text": arr[int(i)].as_py()[:300]})
 
 
-def _cleaned_items(cfg: Config, stack: contextlib.ExitStack) -> Iterator[Bad | Cleaned]:
+def _cleaned_items(cfg: Config, stack: contextlib.ExitStack, workers: int) -> Iterator[Bad | Cleaned]:
     """Every record of the sources, cleaned, in source order: in this process (`workers: 1`), or a unit per
     worker through `stages.runtime.fanout` (the same items in the same order, so the same bytes come out)."""
     units = [(i, u) for i, src in enumerate(cfg.sources) for u in split_units([src])]
-    if cfg.workers == 1 and not cfg.dask_address:
+    if workers == 1 and not cfg.dask_address:
         read = ((i, item) for i, u in units for item in read_unit(u, cfg.max_chars))
         return (item if isinstance(item, Bad) else _clean(item, cfg, i) for i, item in prefetch(read))
-    mapper = stack.enter_context(fanout.open_mapper(cfg.workers, cfg.dask_address, "ingest"))
+    mapper = stack.enter_context(fanout.open_mapper(workers, cfg.dask_address, "ingest"))
     results = mapper.map(functools.partial(_clean_unit, cfg=cfg), units, [u.label for _, u in units])
     return itertools.chain.from_iterable(results)
 
@@ -237,11 +240,12 @@ def _read_all(cfg: Config, out: Path, writers: SplitWriters, tracker: Tracker) -
     with (contextlib.ExitStack() as stack,
           open(out / "quarantine.jsonl", "w", encoding="utf-8") as quarantine,
           tqdm(desc="ingest", unit=" docs", mininterval=1.0) as pbar):
+        plan = ingest_quality.plan_memory(cfg, split_units(cfg.sources))
         staging = None
         if _near_dedup_on(cfg):
-            staging = Staging(out.parent, cfg.near_dedup, cfg.memory_budget_mb << 20)
+            staging = Staging(out.parent, cfg.near_dedup, plan.near_dedup_budget_bytes)
             stack.callback(staging.close)
-        for item in _cleaned_items(cfg, stack):
+        for item in _cleaned_items(cfg, stack, plan.workers):
             if isinstance(item, Bad):
                 _bad(item, counts, quarantine)
                 continue

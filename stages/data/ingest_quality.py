@@ -27,9 +27,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from stages.data import near_dedup, quality
-from stages.data.readers import BuiltinSource, Source
+from stages.data.compression import compression_of, data_suffix
+from stages.data.readers import BuiltinSource, Source, Unit
+from stages.runtime import fanout
 
 log = logging.getLogger("stages.ingest")
 EXCERPT = 300
@@ -153,6 +156,114 @@ class Counts:
                 log.warning("ingest.sources[%d] (%s): the quality filters removed %d of its %d documents (most: "
                             "%s, %d); if its documents are short or templated by design, set filters: false on "
                             "that source.", i, src.type, removed, removed + kept, top, mine[top])
+
+
+# What the stage's processes take (resident MB, sampled peaks of ingests of 2-1024 MB of generated web text on a
+# 2-core VM, rounded up), for `plan_memory`. The stage's own process, reading a batch at a time: Python, Arrow, the
+# readers' prefetch and the shard writers' row groups on their way to disk; exact dedup's set, per document; the
+# near-dedup staging besides its matching's sorts. A Dask worker process with the stage imported. What datatrove's
+# filters and MinHash, and lingua's models, add to each process that cleans. Per MB of text in a unit (a file): what
+# its cleaned batches take in a worker (the batches, then their pickled copy) and in the stage's process (the bytes
+# received and the batches made from them). A unit's results travel whole, so these grow with the largest file;
+# with one process (no workers) the units stream and only the batches in flight count.
+STAGE_MB = 450
+DEDUP_BYTES_PER_DOC = 100
+STAGING_MB = 50
+WORKER_MB = 180
+FILTERS_MB = 30
+LANGUAGE_MB = 100
+WORKER_MB_PER_UNIT_MB = 3.0
+STAGE_MB_PER_UNIT_MB = 4.0
+COMPRESSED_TEXT_RATIO = 4.0  # MB of text per MB of a .gz/.zst/.bz2/.xz file (an estimate: the size is unknown)
+DOC_BYTES = 1000  # per document, where the input does not say how many it holds
+HF_DOC_BYTES = 4000  # per row of a Hugging Face dataset with max_rows; without it, HF_UNIT_MB
+HF_UNIT_MB = 4096.0
+BUILTIN_DOC_BYTES = 300  # the built-in stories are about 250 bytes each
+MIN_NEAR_DEDUP_MB = 4  # the least the near-duplicate matching's sorts get (65536 records fit 3 MB)
+
+
+@dataclass
+class MemoryPlan:
+    """How an ingest fits `ingest.memory_budget_mb`: the worker processes to start (1: none, the stage's process
+    does the work) and the budget to give the near-duplicate matching (its sorts use a quarter of it)."""
+
+    workers: int
+    near_dedup_budget_bytes: int
+    estimate_mb: float  # the estimated peak of the whole process tree with that many workers
+    note: str = ""  # why `workers` is below the requested number, or why the estimate is over the budget
+
+
+def _parquet_text_mb(path: Path, field: str) -> tuple[float, int | None]:
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (OSError, pa.ArrowException):  # unreadable: the reader reports it; its size is the estimate
+        return path.stat().st_size / 1e6, None
+    size = 0
+    for rg in (meta.row_group(i) for i in range(meta.num_row_groups)):
+        cols = [c for c in range(rg.num_columns) if rg.column(c).path_in_schema == field] or range(rg.num_columns)
+        size += sum(rg.column(c).total_uncompressed_size for c in cols)
+    return size / 1e6, meta.num_rows
+
+
+def unit_text_mb(unit: Unit) -> tuple[float, int | None]:
+    """(MB of text, documents or None when unknown) that one unit of the sources yields at most, estimated from
+    its file's size (Parquet: the footer's uncompressed size of the text column, and its row count)."""
+    src, path = unit.source, unit.path
+    if path is not None:
+        if not path.is_file():
+            return 0.0, 0  # a path that matched nothing readable: the reader reports it
+        if data_suffix(path) == ".parquet" and not compression_of(path):
+            return _parquet_text_mb(path, getattr(src, "text_field", "text"))
+        ratio = COMPRESSED_TEXT_RATIO if compression_of(path) else 1.0
+        return path.stat().st_size * ratio / 1e6, None
+    if isinstance(src, BuiltinSource):
+        return src.n_documents * BUILTIN_DOC_BYTES / 1e6, src.n_documents
+    rows = getattr(src, "max_rows", None)
+    return (rows * HF_DOC_BYTES / 1e6, rows) if rows else (HF_UNIT_MB, None)
+
+
+def plan_memory(cfg: Any, units: list[Unit]) -> MemoryPlan:
+    """Fit the ingest (`cfg`, an `ingest.Config`; `units`, its sources' units) into `cfg.memory_budget_mb` (see
+    `MemoryPlan`): the stage's process (exact dedup's set and the near-duplicate matching's sorts included: a
+    quarter of the budget, or what a band of every input document takes when the inputs say how many) plus each
+    worker at its estimated cost; `cfg.workers` is lowered until the sum fits, and one line says so. With a remote
+    cluster (`dask_address`) only the stage's process is here to count."""
+    budget, workers = cfg.memory_budget_mb, cfg.workers
+    part = any(takes_part(s) for s in cfg.sources)
+    q, nd = cfg.quality, cfg.near_dedup
+    cleaning = (FILTERS_MB if part and (q.enabled or nd.enabled) else 0) + \
+        (LANGUAGE_MB if part and q.enabled and q.language.enabled else 0)
+    sizes = [unit_text_mb(u) for u in units] or [(0.0, 0)]
+    unit_mb = max(mb for mb, _ in sizes)
+    docs = sum(n if n is not None else mb * 1e6 / DOC_BYTES for mb, n in sizes)
+    near_mb = 0.0
+    if part and nd.enabled:
+        near_mb = STAGING_MB + min(budget / 4, docs * near_dedup.BYTES_PER_SORTED_RECORD / 1e6)
+    alone = STAGE_MB + (docs * DEDUP_BYTES_PER_DOC / 1e6 if cfg.dedup else 0) + near_mb  # reading batch by batch
+    stage_mb = alone + STAGE_MB_PER_UNIT_MB * unit_mb  # ... or taking in a unit's results at a time
+    if cfg.dask_address:
+        return MemoryPlan(workers, budget << 20, stage_mb)
+    worker_mb = WORKER_MB + cleaning + WORKER_MB_PER_UNIT_MB * unit_mb
+    run = fanout.workers_within(workers, budget, stage_mb, worker_mb)
+    plan = MemoryPlan(run, budget << 20, alone + cleaning if run == 1 else stage_mb + run * worker_mb)
+    notes = []
+    if run < workers:
+        notes.append(f"ingest.workers={workers} lowered to {run} to stay within ingest.memory_budget_mb={budget}: "
+                     f"{workers} worker processes would take about {stage_mb + workers * worker_mb:.0f} MB with "
+                     f"this process (each worker about {worker_mb:.0f} MB, with input files of up to "
+                     f"{unit_mb:.3g} MB of text; this process {stage_mb:.0f} MB), "
+                     f"{'this process alone' if run == 1 else run} about {plan.estimate_mb:.0f} MB. Raise the "
+                     f"budget, or split the input into smaller files, for more.")
+    if plan.estimate_mb > budget:
+        left = budget - (plan.estimate_mb - near_mb) - (STAGING_MB if near_mb else 0)
+        notes.append(f"ingest.memory_budget_mb={budget} is below the about {plan.estimate_mb:.0f} MB this ingest "
+                     f"is estimated to take in one process; the near-duplicate matching gets what is left "
+                     f"({max(MIN_NEAR_DEDUP_MB, left):.0f} MB).")
+        plan.near_dedup_budget_bytes = int(max(MIN_NEAR_DEDUP_MB, left) * 4) << 20
+    plan.note = " ".join(notes)
+    if plan.note:
+        log.warning("%s", plan.note)
+    return plan
 
 
 class Staging:

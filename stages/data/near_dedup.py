@@ -22,9 +22,13 @@ time. 32 bands of 4 find it 99.6 % of the time, and the signature check at 0.5 r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import operator
 import os
 import tempfile
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +37,16 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from stages.data.quality import word_splitter
+
 BAND_RECORD = np.dtype([("key", "<u8"), ("doc", "<u4")])
 # Memory a sorted band partition takes per record: the records, the sort order, the sorted copies, the run marks.
 BYTES_PER_SORTED_RECORD = 48
+# Shingles whose MinHash values are computed at once: 8 bytes per value, bands*rows values per shingle (1 MB at
+# the default 128, which stays in the CPU's cache: larger chunks are slower than one document at a time).
+SHINGLES_PER_CHUNK = 1 << 10
+MERSENNE_61 = (1 << 61) - 1  # the prime of datatrove's MinHash permutations
+_DIGEST = operator.methodcaller("digest")
 
 
 class NearDedupConfig(BaseModel):
@@ -63,8 +74,6 @@ def _signer(cfg_json: str) -> Any:
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
     from datatrove.utils.hashing import HashConfig
 
-    from stages.data.quality import word_splitter
-
     cfg = NearDedupConfig.model_validate_json(cfg_json)
     # sha1: datatrove's xxhash path passes str to xxhash, which xxhash 4 (the version the project's other
     # dependencies resolve to) refuses. 32-bit values: half the disk, and chance agreements stay negligible.
@@ -73,18 +82,110 @@ def _signer(cfg_json: str) -> Any:
     return MinhashDedupSignature(output_folder=tempfile.gettempdir(), config=mh, language=word_splitter())
 
 
+Cuts = tuple[str, list[int], list[int]]  # a word list joined by a separator; where each word starts and ends in it
+
+
+def cuts(words: list[str], sep: str) -> Cuts:
+    """`sep.join(words)` and the start and end of each word in it."""
+    joined = sep.join(words)
+    lens = np.fromiter(map(len, words), np.int64, len(words)) + len(sep)
+    ends = np.cumsum(lens)
+    return joined, (ends - lens).tolist(), (ends - len(sep)).tolist()
+
+
+def ngrams(words: list[str], n: int, sep: str, cut: Cuts | None = None) -> list[str]:
+    """`sep.join(words[i : i + n])` for every i, sliced out of the joined words (`cut`: `cuts(words, sep)`, made
+    once for several n) instead of a list slice and a join per n-gram."""
+    if n < 1:  # not an n-gram size, but what datatrove would make of it
+        return [sep.join(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if len(words) < n:
+        return []
+    joined, starts, stops = cut or cuts(words, sep)
+    return list(map(joined.__getitem__, map(slice, starts[: len(words) - n + 1], stops[n - 1 :])))
+
+
+def _simplify(text: str, norm: Any) -> str:
+    """datatrove's `simplify_text`, its last step (dropping combining marks after NFD) done per distinct character
+    and skipped for ASCII text, which it leaves as it is: the same string, without a Python call per character."""
+    from datatrove.utils.text import simplify_text
+
+    if not norm.norm_unicode_diacritics:
+        return simplify_text(text, norm)
+    text = simplify_text(text, dataclasses.replace(norm, norm_unicode_diacritics=False))
+    if text.isascii():
+        return text
+    text = unicodedata.normalize("NFD", text)
+    marks = {ord(c): None for c in set(text) if unicodedata.category(c) == "Mn"}
+    return text.translate(marks).strip()
+
+
+def _shingles(signer: Any, text: str) -> np.ndarray:
+    """datatrove's `MinhashDedupSignature.get_shingles`: the 32-bit sha1 (first 4 bytes, little-endian) of each
+    space-joined word n-gram of the simplified text; the n-grams sliced out of one joined string, as bytes when it
+    is ASCII, and the digests read as one array (uint64 [k])."""
+    words = signer.word_tokenizer.word_tokenize(_simplify(text, signer.config.norm_config))
+    n = signer.config.n_grams
+    if len(words) < n:
+        return np.zeros(0, dtype=np.uint64)
+    joined, starts, stops = cuts(words, " ")
+    if joined.isascii():
+        grams: Any = map(joined.encode().__getitem__, map(slice, starts[: len(words) - n + 1], stops[n - 1 :]))
+    else:
+        grams = map(str.encode, ngrams(words, n, " ", (joined, starts, stops)))
+    digests = np.frombuffer(b"".join(map(_DIGEST, map(hashlib.sha1, grams))), dtype=np.uint8)
+    return digests.reshape(-1, 20)[:, :4].copy().view("<u4")[:, 0].astype(np.uint64)
+
+
+def _min_hashes(shingles: np.ndarray, starts: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per document (its shingles from `starts[i]` on), datatrove's `get_signature` at 32 bits: the minimum over its
+    shingles of ((s * a + b) mod p) & 0xffffffff, p = 2^61 - 1, the products wrapping at 64 bits as numpy's do.
+    x mod p is taken as y = (x & p) + (x >> 61) (< 2p), less p when that reaches p (then y - p < y; below p, y - p
+    wraps past y): the same value as %, in fewer passes over the array."""
+    p = np.uint64(MERSENNE_61)
+    x = shingles[:, None] * a
+    x += b
+    y = x & p
+    x >>= np.uint64(61)
+    y += x
+    np.subtract(y, p, out=x)
+    np.minimum(y, x, out=y)
+    y &= np.uint64(0xFFFFFFFF)
+    return np.minimum.reduceat(y, starts, axis=0).astype(np.uint32)
+
+
+def _chunks(sizes: np.ndarray) -> Iterator[np.ndarray]:
+    """The documents with shingles, in order, in runs of at most `SHINGLES_PER_CHUNK` shingles (a larger document
+    alone)."""
+    docs = np.flatnonzero(sizes)
+    lo = 0
+    while lo < docs.size:
+        hi, rows = lo + 1, sizes[docs[lo]]
+        while hi < docs.size and rows + sizes[docs[hi]] <= SHINGLES_PER_CHUNK:
+            rows += sizes[docs[hi]]
+            hi += 1
+        yield docs[lo:hi]
+        lo = hi
+
+
 def signatures(texts: list[str], cfg: NearDedupConfig) -> tuple[np.ndarray, np.ndarray]:
     """(signatures uint32 [n, bands*rows], has_signature bool [n]); a text shorter than `ngram` words has none and
-    is never a near-duplicate (as in datatrove)."""
+    is never a near-duplicate (as in datatrove). The values are datatrove's, computed for many documents at once,
+    `SHINGLES_PER_CHUNK` shingles at a time."""
     signer = _signer(cfg.model_dump_json())
+    a, b = signer.parameters
     sigs = np.zeros((len(texts), cfg.num_hashes), dtype=np.uint32)
-    has = np.zeros(len(texts), dtype=bool)
-    for i, text in enumerate(texts):
-        shingles = signer.get_shingles(text)
-        if shingles.size:
-            sigs[i] = np.concatenate(signer.get_signature(shingles))
-            has[i] = True
-    return sigs, has
+    shingles = [_shingles(signer, text) for text in texts]
+    sizes = np.array([s.size for s in shingles], dtype=np.int64)
+    for part in _chunks(sizes):
+        if part.size == 1:  # one document, perhaps longer than a chunk: its minimum over blocks of one
+            one = shingles[part[0]]
+            blocks = [_min_hashes(one[i : i + SHINGLES_PER_CHUNK], np.zeros(1, np.int64), a, b)
+                      for i in range(0, one.size, SHINGLES_PER_CHUNK)]
+            sigs[part] = np.minimum.reduce(blocks)
+            continue
+        starts = np.concatenate([[0], np.cumsum(sizes[part])[:-1]])
+        sigs[part] = _min_hashes(np.concatenate([shingles[i] for i in part]), starts, a, b)
+    return sigs, sizes > 0
 
 
 def _band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:

@@ -208,10 +208,13 @@ class Verdicts:
 def _languages(texts: list[str], cfg: LanguageFilter) -> tuple[list[str | None], dict[int, str]]:
     detector = _detector(cfg.low_accuracy)
     wanted = {code.lower() for code in cfg.languages}
-    results = detector.compute_language_confidence_values_in_parallel([t[: cfg.sample_chars] for t in texts])
+    samples = [t[: cfg.sample_chars] for t in texts]
+    unique = list(dict.fromkeys(samples))  # a start shared by several documents (copies) is detected once
+    found = dict(zip(unique, detector.compute_language_confidence_values_in_parallel(unique), strict=True))
     rules: list[str | None] = []
     details = {}
-    for i, values in enumerate(results):
+    for i, sample in enumerate(samples):
+        values = found[sample]
         best = max((v.value for v in values if v.language.iso_code_639_1.name.lower() in wanted), default=0.0)
         if best >= cfg.min_confidence:
             rules.append(None)

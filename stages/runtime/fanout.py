@@ -55,6 +55,14 @@ def connect_error(address: str, setting: str, e: BaseException) -> StageError:
                       f"with this project installed) or leave {setting} unset to start a local cluster.")
 
 
+def workers_within(requested: int, budget_mb: float, stage_mb: float, worker_mb: float) -> int:
+    """The most worker processes, at most `requested`, whose estimated memory fits `budget_mb`: the stage's own
+    process (`stage_mb`, its share of the work in flight included) plus `worker_mb` for each worker. 1 when not
+    even two fit: the stage then does the work in its own process, with no worker to pay for."""
+    fit = int((budget_mb - stage_mb) // worker_mb) if worker_mb > 0 else requested
+    return max(1, min(requested, fit)) if fit >= 2 else 1
+
+
 def local_cluster_kwargs(workers: int) -> dict[str, Any]:
     """A local cluster of `workers` single-threaded processes, reachable from this machine only, no dashboard.
 
