@@ -39,3 +39,23 @@ def test_a_comment_docstring_or_formatting_edit_keeps_the_code_version(tmp_path:
     assert all(version(s) == version(original) for s in same)
     assert version('def f(x):\n    return x + 2\n') != version(original)
     assert version('def f(x):\n    """Adds one."""\n    y = 1\n    return x + y\n') != version(original)
+
+
+def test_every_field_of_every_stage_is_in_the_key_unless_declared_execution_only() -> None:
+    import warnings
+
+    from flows.config import PipelineConfig
+    from flows.specs import STAGES
+
+    cfg = load_config(None, [])
+    assert isinstance(cfg, PipelineConfig)
+    for spec in STAGES:
+        section = getattr(cfg, spec.name)
+        declared = execution_fields(spec.name)
+        base = cache_key(spec.name, section, {}, "code", {})
+        for name in type(section).model_fields:
+            changed = section.model_copy(update={name: f"changed-{name}"})  # unvalidated: any value differs
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydantic warns that the value is not of the field's type
+                key = cache_key(spec.name, changed, {}, "code", {})
+            assert (key == base) == (name in declared), f"{spec.name}.{name}"
